@@ -1,0 +1,74 @@
+"""Shared benchmark machinery: device choice, shapes, timing with synchronization, memory above inputs.
+
+Options: --bench-device cpu|cuda (default: cuda when available), --quick (smallest shapes only).
+Every case runs through ``run_case``: a warm-up call, one call under the memory meter (peak bytes above
+what was allocated before; stored in extra_info), then pedantic rounds timed by pytest-benchmark with a
+CUDA synchronize inside the timed function. Fresh inputs per round come from ``setup`` (untimed)."""
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("KINETO_LOG_LEVEL", "5")
+
+from mmalign._measure import peak_memory_above  # noqa: E402
+
+
+def pytest_addoption(parser):
+    parser.addoption("--bench-device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.addoption("--quick", action="store_true", help="smallest shapes only")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA device")
+
+
+@pytest.fixture(scope="session")
+def device(request):
+    dev = request.config.getoption("--bench-device") or ("cuda" if torch.cuda.is_available() else "cpu")
+    if dev == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    return dev
+
+
+@pytest.fixture(scope="session")
+def quick(request):
+    return request.config.getoption("--quick")
+
+
+def _versions() -> str:
+    import mmalign
+
+    try:
+        import triton
+        tv = triton.__version__
+    except ImportError:
+        tv = "none"
+    return f"torch {torch.__version__} (cuda {torch.version.cuda}), triton {tv}, mmalign {mmalign.__version__}"
+
+
+def sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def run_case(benchmark, device, fn, setup, *, bytes_moved: int = 0, rounds: int | None = None, **info):
+    """Time ``fn(*setup())``; record peak memory above inputs and effective bandwidth in extra_info."""
+    def timed(*args):
+        out = fn(*args)
+        sync(device)
+        return out
+
+    args = setup()
+    timed(*args)  # warm-up (compilation, autotuning, allocator)
+    del args
+    args = setup()
+    sync(device)
+    _, peak = peak_memory_above(lambda: timed(*args), device)
+    del args
+    benchmark.extra_info.update(info)
+    benchmark.extra_info.update({"device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+                                 "versions": _versions(),
+                                 "peak_mem_bytes": int(peak), "bytes_moved_min": int(bytes_moved)})
+    rounds = rounds or (20 if device == "cuda" else 3)
+    benchmark.pedantic(timed, setup=lambda: (setup(), {}), rounds=rounds, iterations=1, warmup_rounds=1)

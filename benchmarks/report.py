@@ -1,0 +1,128 @@
+"""Turn pytest-benchmark JSON files into a Markdown report (and PNG plots when matplotlib exists).
+
+    python benchmarks/report.py RESULT.json [MORE.json ...] --out DIR
+
+For every group (op, mode, shape): each provider's median time, speedup over eager, peak memory above
+the inputs and its ratio to eager, and the effective bandwidth (bytes_moved_min / time) as a share of the
+`copy` case of the same run when there is one. The header names device, versions, date and commit."""
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+from collections import defaultdict
+
+
+def _load(paths):
+    benches, machine, commit, when = [], {}, {}, ""
+    for p in paths:
+        data = json.loads(pathlib.Path(p).read_text())
+        benches += data["benchmarks"]
+        machine, commit, when = data.get("machine_info", {}), data.get("commit_info", {}), data.get("datetime", "")
+    return benches, machine, commit, when
+
+
+def _shape_key(b):
+    return b["extra_info"].get("op"), b["extra_info"].get("shape"), b["extra_info"].get("dtype")
+
+
+def _fmt_bytes(n):
+    return f"{n / 2**20:,.1f} MiB" if n < 2**30 else f"{n / 2**30:,.2f} GiB"
+
+
+def build(paths, commit_id: str | None = None) -> tuple[str, dict]:
+    benches, machine, commit, when = _load(paths)
+    if commit_id:
+        commit = {"id": commit_id, "dirty": commit.get("dirty", "?")}
+    groups: dict[str, list] = defaultdict(list)
+    for b in benches:
+        groups[b["group"]].append(b)
+    first = benches[0]["extra_info"] if benches else {}
+    lines = ["# mmalign benchmark report", "",
+             f"- device: {first.get('device', '?')}",
+             f"- date: {when}",
+             f"- commit: {commit.get('id', '?')} (dirty: {commit.get('dirty', '?')})",
+             f"- python {machine.get('python_version', '?')}, cpu {machine.get('cpu', {}).get('brand_raw', '?')}",
+             f"- versions: {first.get('versions', '?')}",
+             "- time: median of pedantic rounds, synchronized inside the timed function; memory: peak "
+             "allocated above the inputs during one call (CUDA caching-allocator peak, CPU profiler events)",
+             ""]
+    ratios = {}
+    copy_bandwidth = {_shape_key(b): b["extra_info"]["bytes_moved_min"] / b["stats"]["median"]
+                      for b in benches if b["extra_info"].get("provider") == "copy"}
+    for name in sorted(groups):
+        rows = groups[name]
+        by = {r["extra_info"]["provider"]: r for r in rows}
+        eager = by.get("eager")
+        copy_bw = copy_bandwidth.get(_shape_key(rows[0]))
+        lines += [f"## {name}", "", "| provider | median | speedup vs eager | peak mem above inputs | mem vs eager | GB/s | % of copy bandwidth |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]
+        for prov, r in sorted(by.items(), key=lambda kv: kv[1]["stats"]["median"]):
+            med = r["stats"]["median"]
+            ei = r["extra_info"]
+            sp = eager["stats"]["median"] / med if eager else float("nan")
+            mem = ei.get("peak_mem_bytes", 0)
+            memr = mem / eager["extra_info"]["peak_mem_bytes"] if eager and eager["extra_info"].get("peak_mem_bytes") else float("nan")
+            bw = ei.get("bytes_moved_min", 0) / med
+            pct = f"{100 * bw / copy_bw:.0f}%" if copy_bw and prov != "copy" else ""
+            lines.append(f"| {prov} | {med * 1e3:,.2f} ms | {sp:.2f}x | {_fmt_bytes(mem)} | {memr:.3f} | {bw / 1e9:,.0f} | {pct} |")
+            ratios[(name, prov)] = (sp, memr)
+        lines.append("")
+    return "\n".join(lines), ratios
+
+
+def plot(paths, out: pathlib.Path) -> list[str]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    benches = _load(paths)[0]
+    groups: dict[str, list] = defaultdict(list)
+    for b in benches:
+        groups[b["group"]].append(b)
+    files = []
+    fig, axes = plt.subplots(1, 2, figsize=(14, 0.5 * len(groups) + 3))
+    names = sorted(groups)
+    provs = sorted({b["extra_info"]["provider"] for b in benches})
+    for ax, key, label in ((axes[0], "time", "median time (ms, log)"), (axes[1], "mem", "peak memory above inputs (MiB, log)")):
+        for i, prov in enumerate(provs):
+            ys, xs = [], []
+            for j, n in enumerate(names):
+                r = next((b for b in groups[n] if b["extra_info"]["provider"] == prov), None)
+                if r is None:
+                    continue
+                v = r["stats"]["median"] * 1e3 if key == "time" else max(r["extra_info"]["peak_mem_bytes"], 1) / 2**20
+                xs.append(v)
+                ys.append(j + (i - len(provs) / 2) * 0.8 / len(provs))
+            ax.barh(ys, xs, height=0.8 / len(provs), label=prov)
+        ax.set_xscale("log")
+        ax.set_yticks(range(len(names)))
+        ax.set_yticklabels(names if ax is axes[0] else [""] * len(names), fontsize=7)
+        ax.set_xlabel(label)
+    axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    path = out / "bench.png"
+    fig.savefig(path, dpi=110)
+    files.append(str(path))
+    return files
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("json", nargs="+")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--commit", default=None, help="commit id to print (when the run had no git)")
+    args = ap.parse_args(argv)
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    text, _ = build(args.json, args.commit)
+    (out / "report.md").write_text(text)
+    plot(args.json, out)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

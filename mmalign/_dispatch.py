@@ -1,0 +1,134 @@
+"""The dispatch table: which backend runs which op on which device and dtype, and why not.
+
+Backends:
+  ``triton``    Triton kernels: CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1`` (tests).
+  ``cuda``      hand-written CUDA C++ kernels in ``mmalign._C`` (built when nvcc + CUDA torch exist).
+  ``cpp``       C++ CPU kernels in ``mmalign._C``.
+  ``reference`` eager PyTorch transcribing SPEC.md; runs everywhere, slowest, most memory.
+
+Automatic selection takes the first backend of ``PRIORITY[device type]`` that has no reason against it.
+``backend=`` (per call) or the ``MMALIGN_BACKEND`` environment variable (``triton`` for every op, or
+``sequence_logps=cuda,fused_linear_sequence_logps=triton``) forces one; a forced backend that cannot run
+raises :class:`BackendUnavailable` with its reasons. Nothing here touches a GPU at import time.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from . import _ext, _triton
+
+BACKENDS = ("triton", "cuda", "cpp", "reference")
+
+# On CUDA, Triton first: it matches the CUDA C++ kernel on bandwidth and is the path every op has
+# (benchmarks/results/ holds the measurements). On CPU, the C++ kernels; the Triton interpreter only
+# when forced or when the extension is missing (it is a test vehicle: ~2 ms per program instance).
+PRIORITY = {
+    "cuda": ("triton", "cuda", "reference"),
+    "cpu": ("cpp", "triton", "reference"),
+}
+
+FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+@dataclass(frozen=True)
+class OpSupport:
+    """What one op offers: a Triton implementation, and the C++ operator backing ``cpp``/``cuda``."""
+
+    triton: bool
+    compiled: str | None  # qualified name of the C++ operator, or None when there is none
+    dtypes: tuple = FLOATS
+
+
+# The table. fused_linear_sequence_logps runs its per-chunk log-prob kernel through the same backends.
+TABLE: dict[str, OpSupport] = {
+    "sequence_logps": OpSupport(triton=True, compiled="mmalign::token_logps_fwd"),
+    "fused_linear_sequence_logps": OpSupport(triton=True, compiled="mmalign::token_logps_fwd"),
+}
+
+
+class BackendUnavailable(RuntimeError):
+    """A forced backend cannot run these inputs."""
+
+
+def _device_type(device) -> str:
+    return torch.device(device).type
+
+
+def not_supported_reasons(op: str, backend: str, device, dtype: torch.dtype) -> list[str]:
+    """Why ``backend`` cannot run ``op`` on (device, dtype); an empty list means it can."""
+    if op not in TABLE:
+        raise KeyError(f"unknown op {op!r}; known: {sorted(TABLE)}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+    sup, dev = TABLE[op], _device_type(device)
+    reasons: list[str] = []
+    if dtype not in sup.dtypes:
+        reasons.append(f"dtype {dtype} is not supported (expected one of {[str(d) for d in sup.dtypes]})")
+    if backend == "reference":
+        return reasons
+    if backend == "triton":
+        if not sup.triton:
+            reasons.append(f"{op} has no Triton implementation")
+        if not _triton.HAS_TRITON:
+            reasons.append(_triton.IMPORT_ERROR)
+        if _triton.interpreting():
+            if dev != "cpu":
+                reasons.append("TRITON_INTERPRET=1 is set: Triton runs on CPU tensors only")
+            if dtype == torch.bfloat16:
+                reasons.append("bfloat16 arithmetic is wrong under the Triton interpreter (TRITON_INTERPRET=1)")
+        elif dev != "cuda":
+            reasons.append(f"device {dev}: Triton needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1)")
+        return reasons
+    # compiled backends
+    want = "cuda" if backend == "cuda" else "cpu"
+    if dev != want:
+        reasons.append(f"device {dev}: the {backend} backend runs on {want} tensors")
+    loaded, why = _ext.load()
+    if not loaded:
+        reasons.append(why)
+    elif sup.compiled is None:
+        reasons.append(f"{op} has no compiled implementation")
+    elif not _ext.has_kernel(sup.compiled, "CUDA" if backend == "cuda" else "CPU"):
+        reasons.append(f"mmalign._C was built without {backend.upper()} kernels"
+                       + (" (torch without CUDA, nvcc not found, or MMALIGN_BUILD_CUDA=0)" if backend == "cuda" else ""))
+    return reasons
+
+
+def _forced(op: str) -> str | None:
+    spec = os.environ.get("MMALIGN_BACKEND", "").strip()
+    if not spec:
+        return None
+    if "=" not in spec:
+        return spec
+    for part in spec.split(","):
+        name, _, value = part.partition("=")
+        if name.strip() == op:
+            return value.strip()
+    return None
+
+
+def select(op: str, device, dtype: torch.dtype, backend: str | None = None) -> str:
+    """The backend that runs ``op`` on (device, dtype): ``backend`` if given, else ``MMALIGN_BACKEND``,
+    else the first of ``PRIORITY`` that can run. A forced backend that cannot run raises."""
+    forced, source = (backend, "backend=") if backend is not None else (_forced(op), "MMALIGN_BACKEND")
+    if forced is not None:
+        if forced not in BACKENDS:
+            raise ValueError(f"{source}: expected one of {BACKENDS}, got {forced!r}")
+        reasons = not_supported_reasons(op, forced, device, dtype)
+        if reasons:
+            raise BackendUnavailable(f"{op}: backend {forced!r} (from {source}) cannot run on "
+                                     f"{torch.device(device)} {dtype}: " + "; ".join(reasons))
+        return forced
+    for name in PRIORITY.get(_device_type(device), ("reference",)):
+        if not not_supported_reasons(op, name, device, dtype):
+            return name
+    raise BackendUnavailable(f"{op}: no backend can run on {torch.device(device)} {dtype}: "
+                             + "; ".join(not_supported_reasons(op, "reference", device, dtype)))
+
+
+def report(device, dtype: torch.dtype) -> dict[str, dict[str, list[str]]]:
+    """For every op: {backend: reasons it cannot run} on (device, dtype); empty lists can run."""
+    return {op: {b: not_supported_reasons(op, b, device, dtype) for b in BACKENDS} for op in TABLE}

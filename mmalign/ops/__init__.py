@@ -1,0 +1,1 @@
+"""One op per file: reference (SPEC.md) -> Triton kernels -> launchers -> autograd Function."""

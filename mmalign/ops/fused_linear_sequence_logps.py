@@ -1,0 +1,86 @@
+"""Sequence log-probabilities straight from hidden states and the LM head (SPEC.md section 1).
+
+Same result as ``sequence_logps(hidden @ weight.T + bias, labels)`` without ever holding the logits of
+all tokens: only positions whose label is not ignored are gathered (prompt and image positions cost
+nothing), and those are processed in chunks of ``chunk`` rows: logits of one chunk (matmul in the
+hidden states' dtype), then the fused log-prob kernel of ``sequence_logps``. Backward recomputes each
+chunk's logits, turns them into their gradient in place (kernel ``bwd`` in place), and accumulates
+grad_hidden, grad_weight and grad_bias: 4 matmuls of (M x V x H) per step instead of 3, memory
+O(chunk x V) instead of O(B x T x V).
+"""
+from __future__ import annotations
+
+import torch
+
+from .sequence_logps import BACKWARD, FORWARD, acc_dtype, token_logps_reference
+
+
+def fused_linear_token_logps_reference(hidden, weight, labels, bias=None, ignore_index: int = -100):
+    """tok[b,t] of SPEC.md section 1 with z = hidden @ weight.T + bias; (B,T,H), (V,H), (B,T) -> (B,T)."""
+    logits = hidden @ weight.T
+    if bias is not None:
+        logits = logits + bias
+    return token_logps_reference(logits, labels, ignore_index)
+
+
+def chunk_rows(vocab: int, dtype: torch.dtype, memory_budget_mb: float) -> int:
+    """Rows per chunk so that one chunk of logits (rows x vocab in ``dtype``) fits the budget.
+    At least 16 rows; a multiple of 64 from 64 rows up (matmul tiles)."""
+    rows = int(memory_budget_mb * 2**20) // (vocab * torch.finfo(dtype).bits // 8)
+    return max(16, rows // 64 * 64 if rows >= 64 else rows)
+
+
+def _linear(h, weight, bias):
+    return torch.addmm(bias, h, weight.T) if bias is not None else h @ weight.T
+
+
+class FusedLinearTokenLogpsFunction(torch.autograd.Function):
+    """(M, H) selected hidden rows, (V, H) weight, (V,) bias or None, (M,) labels -> (M,) log-probs.
+
+    Saves the selected hidden rows, weight, bias, labels and the (M,) logsumexp; nothing of size V
+    per token. ``accumulate_fp32`` accumulates grad_weight/grad_bias across chunks in fp32 (for
+    fp16/bf16 weights split into several chunks), then casts once."""
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, labels, ignore_index: int, backend: str, chunk: int, accumulate_fp32: bool):
+        M = h.shape[0]
+        tok = h.new_empty(M, dtype=acc_dtype(h.dtype))
+        lse = torch.empty_like(tok)
+        for s in range(0, M, chunk):
+            e = min(M, s + chunk)
+            z = _linear(h[s:e], weight, bias).unsqueeze(0)
+            t, l = FORWARD[backend](z, labels[s:e].unsqueeze(0), ignore_index)
+            tok[s:e], lse[s:e] = t[0], l[0]
+        ctx.save_for_backward(h, weight, bias, labels, lse)
+        ctx.cfg = (ignore_index, backend, chunk, accumulate_fp32)
+        return tok
+
+    @staticmethod
+    def backward(ctx, grad_tok):
+        h, weight, bias, labels, lse = ctx.saved_tensors
+        ignore_index, backend, chunk, accumulate_fp32 = ctx.cfg
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        M = h.shape[0]
+        grad = grad_tok.to(lse.dtype).contiguous()
+        wide = accumulate_fp32 and M > chunk and weight.dtype in (torch.float16, torch.bfloat16)
+        acc = torch.float32 if wide else weight.dtype
+        grad_h = torch.empty_like(h) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+        grad_b = torch.zeros(bias.shape, dtype=acc, device=bias.device) if need_b else None
+        for s in range(0, M, chunk):
+            e = min(M, s + chunk)
+            z = _linear(h[s:e], weight, bias).unsqueeze(0)
+            dz = BACKWARD[backend](grad[s:e].unsqueeze(0), z, labels[s:e].unsqueeze(0), lse[s:e].unsqueeze(0),
+                                   ignore_index, True)[0]
+            if need_h:
+                torch.mm(dz, weight, out=grad_h[s:e])
+            if need_w:
+                if wide:
+                    grad_w += dz.T @ h[s:e]
+                else:
+                    grad_w.addmm_(dz.T, h[s:e])
+            if need_b:
+                grad_b += dz.sum(0, dtype=acc)
+        grad_w = grad_w.to(weight.dtype) if grad_w is not None else None
+        grad_b = grad_b.to(bias.dtype) if grad_b is not None else None
+        return grad_h, grad_w, grad_b, None, None, None, None, None
