@@ -20,6 +20,12 @@ def _flag(name: str, default: str = "1") -> bool:
     return os.environ.get(name, default).strip().lower() not in ("0", "false", "no", "off", "")
 
 
+# Link libstdc++ explicitly: where Python's LDSHARED is `gcc -shared` (Debian/Ubuntu system Pythons),
+# setuptools links C++ objects without it, and a C++ exception thrown through mmalign._C then crashes
+# (no personality routine bound). Seen on Ubuntu 24.04 / Python 3.12 with torch 2.11.
+LINK = ["-lstdc++"]
+
+
 def _default_cuda_home() -> None:
     # torch guesses CUDA_HOME from `which nvcc`, which can be a wrapper in /usr/local/bin (then it links
     # against /usr/local/lib and misses libcudart). Prefer the standard toolkit folder when none is set.
@@ -50,12 +56,13 @@ def _extensions():
             "mmalign._C", sources,
             extra_compile_args={"cxx": cxx + ["-DMMALIGN_WITH_CUDA"],
                                 "nvcc": ["-O3", "-DMMALIGN_WITH_CUDA", "--expt-relaxed-constexpr"]},
+            extra_link_args=LINK,
         )
     else:
         why = ("MMALIGN_BUILD_CUDA=0" if not _flag("MMALIGN_BUILD_CUDA") else
                "torch has no CUDA" if torch.version.cuda is None else "nvcc not found (set CUDA_HOME)")
         print(f"mmalign: building CPU kernels only ({why})")
-        ext = cpp_extension.CppExtension("mmalign._C", sources, extra_compile_args={"cxx": cxx})
+        ext = cpp_extension.CppExtension("mmalign._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=LINK)
     return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
 
 

@@ -71,4 +71,9 @@ def run_case(benchmark, device, fn, setup, *, bytes_moved: int = 0, rounds: int 
                                  "versions": _versions(),
                                  "peak_mem_bytes": int(peak), "bytes_moved_min": int(bytes_moved)})
     rounds = rounds or (20 if device == "cuda" else 3)
-    benchmark.pedantic(timed, setup=lambda: (setup(), {}), rounds=rounds, iterations=1, warmup_rounds=1)
+    def fresh():  # untimed; synchronized so that e.g. a clone's kernel does not run into the timed region
+        args = setup()
+        sync(device)
+        return args, {}
+
+    benchmark.pedantic(timed, setup=fresh, rounds=rounds, iterations=1, warmup_rounds=1)

@@ -17,6 +17,7 @@ done
 gpu=$($PY -c "import torch; print(torch.cuda.get_device_name().replace(' ', '-') if torch.cuda.is_available() else 'no-gpu')")
 OUT=${OUT:-benchmarks/results/${gpu}-$(date -u +%Y-%m-%d)}
 mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
 commit=${MMALIGN_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}
 {
   echo "device: $gpu"
@@ -33,11 +34,11 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 $PY -m mmalign env | tee "$OUT/env.txt"
 
 echo "== tests (log: $OUT/tests.txt)"
-$PY -m pytest tests -q -p no:cacheprovider 2>&1 | tee "$OUT/tests.txt" | tail -15
+$PY -m pytest tests -v -p no:cacheprovider 2>&1 | tee "$OUT/tests.txt" | tail -15
 test_rc=${PIPESTATUS[0]}
 
 echo "== benchmarks"
 (cd benchmarks && $PY -m pytest bench_*.py -q -p no:cacheprovider --bench-device cuda $QUICK \
-    --benchmark-json "../$OUT/bench.json" --benchmark-columns=median,iqr,rounds 2>&1 | tail -5)
+    --benchmark-json "$OUT/bench.json" --benchmark-columns=median,iqr,rounds 2>&1 | tail -5)
 $PY benchmarks/report.py "$OUT/bench.json" --out "$OUT" --commit "$commit" > /dev/null && cat "$OUT/report.md"
 exit "$test_rc"

@@ -12,6 +12,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -31,6 +32,22 @@ namespace cpu {
 namespace {
 
 constexpr int64_t CHUNK = 1024;
+
+// The first row with a label outside [0, V), found by any thread; raised once the parallel loop is over.
+struct BadLabel {
+  std::atomic<int64_t> row{std::numeric_limits<int64_t>::max()};
+  void record(int64_t r) {
+    int64_t cur = row.load();
+    while (r < cur && !row.compare_exchange_weak(cur, r)) {
+    }
+  }
+  void raise_if_any(const int64_t* Y, int64_t V, int64_t ignore_index) const {
+    const int64_t r = row.load();
+    TORCH_CHECK(r == std::numeric_limits<int64_t>::max(), "token_logps: labels: expected values in [0, ", V,
+                ") or ignore_index=", ignore_index, ", got ", (r == std::numeric_limits<int64_t>::max() ? 0 : Y[r]),
+                " at flat position ", r);
+  }
+};
 
 // exp(x) for x <= 0 in float32, about 2 ulp, branch-free so loops over it vectorize.
 // Inputs below -87 give exp(-87) ~ 1.6e-38 instead of a denormal or 0: invisible next to a sum >= 1.
@@ -134,6 +151,7 @@ void fwd_impl(const at::Tensor& logits, const at::Tensor& labels, int64_t ignore
   acc_t* TOK = tok.mutable_data_ptr<acc_t>();
   acc_t* LSE = lse.mutable_data_ptr<acc_t>();
   const int64_t grain = std::max<int64_t>(1, 32768 / V);
+  BadLabel bad;
   at::parallel_for(0, labels.numel(), grain, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const int64_t y = Y[r];
@@ -142,14 +160,17 @@ void fwd_impl(const at::Tensor& logits, const at::Tensor& labels, int64_t ignore
         LSE[r] = 0;
         continue;
       }
-      TORCH_CHECK(y >= 0 && y < V, "token_logps: labels: expected values in [0, ", V, ") or ignore_index=",
-                  ignore_index, ", got ", y, " at flat position ", r);
+      if (y < 0 || y >= V) {  // reported after the loop: never throw inside a parallel region
+        bad.record(r);
+        continue;
+      }
       const scalar_t* z = Z + (r / T) * sB + (r % T) * sT;
       const acc_t l = row_logsumexp<scalar_t, acc_t>(z, V);
       LSE[r] = l;
       TOK[r] = static_cast<acc_t>(z[y]) - l;
     }
   });
+  bad.raise_if_any(Y, V, ignore_index);
 }
 
 template <typename scalar_t, typename acc_t>
@@ -164,6 +185,7 @@ void bwd_impl(const at::Tensor& out, const at::Tensor& grad, const at::Tensor& l
   const acc_t* G = grad.const_data_ptr<acc_t>();
   const acc_t* L = lse.const_data_ptr<acc_t>();
   const int64_t grain = std::max<int64_t>(1, 32768 / V);
+  BadLabel bad;
   at::parallel_for(0, labels.numel(), grain, [&](int64_t begin, int64_t end) {
     alignas(64) acc_t buf[CHUNK];
     for (int64_t r = begin; r < end; ++r) {
@@ -173,8 +195,10 @@ void bwd_impl(const at::Tensor& out, const at::Tensor& grad, const at::Tensor& l
         std::fill(o, o + V, scalar_t(0));
         continue;
       }
-      TORCH_CHECK(y >= 0 && y < V, "token_logps: labels: expected values in [0, ", V, ") or ignore_index=",
-                  ignore_index, ", got ", y, " at flat position ", r);
+      if (y < 0 || y >= V) {
+        bad.record(r);
+        continue;
+      }
       const scalar_t* z = Z + (r / T) * sB + (r % T) * sT;
       const acc_t g = G[r], l = L[r];
       for (int64_t start = 0; start < V; start += CHUNK) {
@@ -191,6 +215,7 @@ void bwd_impl(const at::Tensor& out, const at::Tensor& grad, const at::Tensor& l
       }
     }
   });
+  bad.raise_if_any(Y, V, ignore_index);
 }
 
 }  // namespace

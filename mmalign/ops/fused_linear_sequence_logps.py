@@ -30,6 +30,23 @@ def chunk_rows(vocab: int, dtype: torch.dtype, memory_budget_mb: float) -> int:
     return max(16, rows // 64 * 64 if rows >= 64 else rows)
 
 
+def _add_product_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc (fp32) += a @ b for fp16/bf16 a, b. On CUDA with torch >= 2.8 the product is accumulated in
+    fp32 by cuBLAS (addmm with out_dtype); elsewhere it is rounded to a's dtype first, so the error of
+    grad_weight grows like sqrt(number of chunks) times one rounding."""
+    if acc.device.type == "cuda" and _MIXED_ADDMM.get("ok", True):
+        try:
+            torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+            _MIXED_ADDMM["ok"] = True
+            return
+        except (TypeError, RuntimeError, NotImplementedError):  # torch < 2.8: no mixed-precision addmm
+            _MIXED_ADDMM["ok"] = False
+    acc += a @ b
+
+
+_MIXED_ADDMM: dict[str, bool] = {}
+
+
 def _linear(h, weight, bias):
     return torch.addmm(bias, h, weight.T) if bias is not None else h @ weight.T
 
@@ -76,7 +93,7 @@ class FusedLinearTokenLogpsFunction(torch.autograd.Function):
                 torch.mm(dz, weight, out=grad_h[s:e])
             if need_w:
                 if wide:
-                    grad_w += dz.T @ h[s:e]
+                    _add_product_fp32(grad_w, dz.T, h[s:e])
                 else:
                     grad_w.addmm_(dz.T, h[s:e])
             if need_b:
