@@ -10,6 +10,7 @@ Build with ``pip install --no-build-isolation .`` so the extension links against
 """
 import glob
 import os
+import sys
 
 from setuptools import setup
 
@@ -20,10 +21,11 @@ def _flag(name: str, default: str = "1") -> bool:
     return os.environ.get(name, default).strip().lower() not in ("0", "false", "no", "off", "")
 
 
-# Link libstdc++ explicitly: where Python's LDSHARED is `gcc -shared` (Debian/Ubuntu system Pythons),
-# setuptools links C++ objects without it, and a C++ exception thrown through mmalign._C then crashes
-# (no personality routine bound). Seen on Ubuntu 24.04 / Python 3.12 with torch 2.11.
-LINK = ["-lstdc++"]
+# Link the system's shared libstdc++ (the one torch uses) by its soname. A compiler that brings its own
+# toolchain (seen: /opt/gcc/bin/g++ on the lent H100 image, Ubuntu 24.04, torch 2.11) otherwise links
+# its static libstdc++ into mmalign._C; two C++ runtimes in one process then crash on the first C++
+# exception (c10::Error from TORCH_CHECK) that crosses from libc10 into our frames.
+LINK = ["-l:libstdc++.so.6"] if sys.platform.startswith("linux") else []
 
 
 def _default_cuda_home() -> None:

@@ -21,6 +21,18 @@ def _inputs(g, B, T, V, device, dtype=torch.float64, ignore_frac=0.3):
     return logits, labels.to(device)
 
 
+def _assert_fwd_bwd_match_reference(logits, labels, backend):
+    """Output and gradient of sum(logps) equal the reference's (logits may be any strided view)."""
+    z = logits.detach().requires_grad_()
+    out = F.sequence_logps(z, labels, backend=backend)
+    out.sum().backward()
+    ref_z = logits.detach().contiguous().requires_grad_()
+    ref = sequence_logps_reference(ref_z, labels)
+    ref.sum().backward()
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(z.grad, ref_z.grad)
+
+
 @pytest.mark.parametrize("device,backend,dtype", CASES64)
 @pytest.mark.parametrize("V", [7, 127, 128, 129, 4097, 32001])
 @pytest.mark.parametrize("reduction", ["sum", "mean"])
@@ -71,15 +83,7 @@ def test_non_contiguous_logits(rng, poison, device, backend, dtype):
     full, labels = _inputs(rng, 3, 9, 131, device)
     for logits, lab in [(full[:, :-1], labels[:, 1:]), (full[:, :, 3:], labels.clamp(max=127)),
                         (full.transpose(0, 1), labels.T)]:
-        lab = lab.contiguous()
-        z = logits.detach().requires_grad_()
-        out = F.sequence_logps(z, lab, backend=backend)
-        out.sum().backward()
-        ref_z = logits.detach().contiguous().requires_grad_()
-        ref = sequence_logps_reference(ref_z, lab)
-        ref.sum().backward()
-        torch.testing.assert_close(out, ref)
-        torch.testing.assert_close(z.grad, ref_z.grad)
+        _assert_fwd_bwd_match_reference(logits, lab.contiguous(), backend)
 
 
 @pytest.mark.parametrize("device,backend,dtype", CASES64)
@@ -130,14 +134,7 @@ def test_low_precision_rule(rng, device, backend, dtype, V):
 def test_property_cpu(B, T, V, frac, seed):
     backend = backends(OP, "cpu", torch.float64)[0]
     logits, labels = _inputs(torch.Generator().manual_seed(seed), B, T, V, "cpu", ignore_frac=frac)
-    logits.requires_grad_()
-    out = F.sequence_logps(logits, labels, backend=backend)
-    out.sum().backward()
-    ref_z = logits.detach().clone().requires_grad_()
-    ref = sequence_logps_reference(ref_z, labels)
-    ref.sum().backward()
-    torch.testing.assert_close(out, ref)
-    torch.testing.assert_close(logits.grad, ref_z.grad)
+    _assert_fwd_bwd_match_reference(logits, labels, backend)
 
 
 def test_float32_output_dtype(rng):
