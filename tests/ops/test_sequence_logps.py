@@ -190,3 +190,23 @@ def test_opcheck(rng):
         torch.library.opcheck(torch.ops.mmalign.token_logps_bwd.default, (torch.randn_like(tok), logits, labels, lse, -100))
         torch.library.opcheck(torch.ops.mmalign.token_logps_bwd_.default,
                               (logits.clone(), torch.randn_like(tok), labels, lse, -100))
+
+
+def test_torch_compile_traces_the_ops(rng):
+    """The C++ operators trace whole (fake kernels); the functional API runs under torch.compile (the
+    backend choice in Python is a graph break, not an error)."""
+    if "cpp" not in backends(OP, "cpu", torch.float32):
+        pytest.skip("extension not built")
+    logits, labels = _inputs(rng, 2, 5, 50, "cpu", torch.float32)
+    raw = torch.compile(lambda z, y: torch.ops.mmalign.token_logps_fwd(z * 2, y, -100)[0], backend="aot_eager",
+                        fullgraph=True)
+    torch.testing.assert_close(raw(logits, labels), token_logps_reference(logits * 2, labels))
+    z = logits.clone().requires_grad_()
+    fn = torch.compile(lambda z, y: F.sequence_logps(z, y, check_labels=False) * 2, backend="aot_eager")
+    out = fn(z, labels)
+    out.sum().backward()
+    ref_z = logits.clone().requires_grad_()
+    ref = sequence_logps_reference(ref_z, labels) * 2
+    ref.sum().backward()
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(z.grad, ref_z.grad)
