@@ -55,8 +55,9 @@ def build(paths, commit_id: str | None = None) -> tuple[str, dict]:
         by = {r["extra_info"]["provider"]: r for r in rows}
         eager = by.get("eager")
         copy_bw = copy_bandwidth.get(_shape_key(rows[0]))
-        lines += [f"## {name}", "", "| provider | median | speedup vs eager | peak mem above inputs | mem vs eager | GB/s | % of copy bandwidth |",
-                  "|---|---:|---:|---:|---:|---:|---:|"]
+        eager = eager or by.get("released-style")
+        lines += [f"## {name}", "", "| provider | median | speedup vs eager | peak mem above inputs | mem vs eager | GB/s | % of copy bandwidth | CUDA launches | host syncs |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for prov, r in sorted(by.items(), key=lambda kv: kv[1]["stats"]["median"]):
             med = r["stats"]["median"]
             ei = r["extra_info"]
@@ -65,7 +66,9 @@ def build(paths, commit_id: str | None = None) -> tuple[str, dict]:
             memr = mem / eager["extra_info"]["peak_mem_bytes"] if eager and eager["extra_info"].get("peak_mem_bytes") else float("nan")
             bw = ei.get("bytes_moved_min", 0) / med
             pct = f"{100 * bw / copy_bw:.0f}%" if copy_bw and prov != "copy" else ""
-            lines.append(f"| {prov} | {med * 1e3:,.2f} ms | {sp:.2f}x | {_fmt_bytes(mem)} | {memr:.3f} | {bw / 1e9:,.0f} | {pct} |")
+            launches, syncs = ei.get("cuda_launches"), ei.get("host_syncs")
+            lines.append(f"| {prov} | {med * 1e3:,.3f} ms | {sp:.2f}x | {_fmt_bytes(mem)} | {memr:.3f} | {bw / 1e9:,.0f} | {pct} "
+                         f"| {'' if launches is None else launches} | {'' if syncs is None else syncs} |")
             ratios[(name, prov)] = (sp, memr)
         lines.append("")
     return "\n".join(lines), ratios

@@ -4,6 +4,7 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "damo_step.h"
 #include "token_logps.h"
 
 extern "C" {
@@ -49,6 +50,35 @@ void check_token_logps_bwd_args(const at::Tensor& grad, const at::Tensor& logits
   }
 }
 
+void check_damo_step_args(const DamoStepArgs& a, const char* op) {
+  const char* names[] = {"policy_chosen_logps", "policy_rejected_logps", "ref_chosen_logps", "ref_rejected_logps"};
+  const at::Tensor* ts[] = {&a.pc, &a.pr, &a.rc, &a.rr};
+  TORCH_CHECK(a.pc.dim() == 1 && a.pc.size(0) > 0, op, ": ", names[0], ": expected shape (N,) with N > 0, got ",
+              a.pc.sizes());
+  const int64_t N = a.pc.size(0);
+  for (int k = 0; k < 4; ++k) {
+    TORCH_CHECK(ts[k]->sizes() == a.pc.sizes(), op, ": ", names[k], ": expected shape (", N, "), got ", ts[k]->sizes());
+    TORCH_CHECK(ts[k]->scalar_type() == a.pc.scalar_type(), op, ": ", names[k], ": expected dtype ",
+                a.pc.scalar_type(), ", got ", ts[k]->scalar_type());
+    TORCH_CHECK(ts[k]->device() == a.pc.device(), op, ": ", names[k], ": expected device ", a.pc.device());
+  }
+  for (const auto& [name, t] : {std::pair<const char*, const std::optional<at::Tensor>&>{"beta", a.beta},
+                                {"alpha_d", a.alpha_d}, {"weights", a.weights}}) {
+    if (t.has_value()) {
+      TORCH_CHECK(t->dim() == 1 && t->size(0) == N, op, ": ", name, ": expected shape (", N, "), got ", t->sizes());
+      TORCH_CHECK(t->device() == a.pc.device(), op, ": ", name, ": expected device ", a.pc.device());
+    }
+  }
+  TORCH_CHECK(a.g.dim() == 0 && a.g_out.dim() == 0, op, ": running_mean: expected a 0-dim tensor");
+  TORCH_CHECK(a.g.scalar_type() == at::kFloat && a.g_out.scalar_type() == at::kFloat, op,
+              ": running_mean: expected float32, got ", a.g_out.scalar_type());
+  TORCH_CHECK(!a.step.has_value() || (a.step->dim() == 0 && a.step->scalar_type() == at::kLong), op,
+              ": step: expected a 0-dim int64 tensor");
+  TORCH_CHECK(a.K >= 1 && a.K <= N, op, ": keep: expected 1 <= K <= N = ", N, ", got K = ", a.K);
+  TORCH_CHECK(a.select >= kSelectAll && a.select <= kSelectTop, op, ": select: expected a code in [0, 4], got ", a.select);
+  TORCH_CHECK(a.loss_kind >= 0 && a.loss_kind <= 2, op, ": loss_type: expected a code in [0, 2], got ", a.loss_kind);
+}
+
 }  // namespace mmalign
 
 TORCH_LIBRARY(mmalign, m) {
@@ -58,4 +88,11 @@ TORCH_LIBRARY(mmalign, m) {
   m.def("token_logps_bwd(Tensor grad, Tensor logits, Tensor labels, Tensor lse, int ignore_index) -> Tensor");
   // Same, written over `logits` itself (saves one logits-sized allocation).
   m.def("token_logps_bwd_(Tensor(a!) logits, Tensor grad, Tensor labels, Tensor lse, int ignore_index) -> ()");
+  // The fused DAMO step: (loss, losses, keep, beta_i, chosen_rewards, rejected_rewards, dloss/du, dl_i/du_i,
+  // alpha_M); writes the updated running mean into g_out and, with incr_step, step += 1.
+  m.def("damo_step_fwd(Tensor pc, Tensor pr, Tensor rc, Tensor rr, Tensor? beta, float beta_scalar, "
+        "Tensor? alpha_d, Tensor? weights, Tensor g, Tensor(a!) g_out, Tensor(b!)? step, int step_scalar, int seed, "
+        "int K, float gamma, float rho, float eps, float min_beta, bool paper, int select, int loss_kind, "
+        "bool use_m, bool combine_sum, bool incr_step) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }

@@ -13,6 +13,7 @@ raises :class:`BackendUnavailable` with its reasons. Nothing here touches a GPU 
 """
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 
@@ -37,17 +38,23 @@ FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 @dataclass(frozen=True)
 class OpSupport:
-    """What one op offers: a Triton implementation, and the C++ operator backing ``cpp``/``cuda``."""
+    """What one op offers: a Triton implementation, and the C++ operators backing ``cpp`` and ``cuda``
+    (qualified names, None where there is no such kernel)."""
 
     triton: bool
-    compiled: str | None  # qualified name of the C++ operator, or None when there is none
+    cpp: str | None
+    cuda: str | None
     dtypes: tuple = FLOATS
 
 
-# The table. fused_linear_sequence_logps runs its per-chunk log-prob kernel through the same backends.
+# The table. fused_linear_sequence_logps runs its per-chunk log-prob kernel through the same backends;
+# preference_loss runs through the DAMO step kernel (no filter, alpha = 1).
 TABLE: dict[str, OpSupport] = {
-    "sequence_logps": OpSupport(triton=True, compiled="mmalign::token_logps_fwd"),
-    "fused_linear_sequence_logps": OpSupport(triton=True, compiled="mmalign::token_logps_fwd"),
+    "sequence_logps": OpSupport(triton=True, cpp="mmalign::token_logps_fwd", cuda="mmalign::token_logps_fwd"),
+    "fused_linear_sequence_logps": OpSupport(triton=True, cpp="mmalign::token_logps_fwd",
+                                             cuda="mmalign::token_logps_fwd"),
+    "preference_loss": OpSupport(triton=True, cpp="mmalign::damo_step_fwd", cuda=None),
+    "damo_step": OpSupport(triton=True, cpp="mmalign::damo_step_fwd", cuda=None),
 }
 
 
@@ -88,12 +95,14 @@ def not_supported_reasons(op: str, backend: str, device, dtype: torch.dtype) -> 
     want = "cuda" if backend == "cuda" else "cpu"
     if dev != want:
         reasons.append(f"device {dev}: the {backend} backend runs on {want} tensors")
+    qualname = sup.cuda if backend == "cuda" else sup.cpp
     loaded, why = _ext.load()
-    if not loaded:
+    if qualname is None:
+        reasons.append(f"{op} has no {'CUDA C++' if backend == 'cuda' else 'C++ CPU'} kernel"
+                       + (" (its CUDA path is Triton)" if backend == "cuda" and sup.triton else ""))
+    elif not loaded:
         reasons.append(why)
-    elif sup.compiled is None:
-        reasons.append(f"{op} has no compiled implementation")
-    elif not _ext.has_kernel(sup.compiled, "CUDA" if backend == "cuda" else "CPU"):
+    elif not _ext.has_kernel(qualname, "CUDA" if backend == "cuda" else "CPU"):
         reasons.append(f"mmalign._C was built without {backend.upper()} kernels"
                        + (" (torch without CUDA, nvcc not found, or MMALIGN_BUILD_CUDA=0)" if backend == "cuda" else ""))
     return reasons
@@ -114,7 +123,14 @@ def _forced(op: str) -> str | None:
 
 def select(op: str, device, dtype: torch.dtype, backend: str | None = None) -> str:
     """The backend that runs ``op`` on (device, dtype): ``backend`` if given, else ``MMALIGN_BACKEND``,
-    else the first of ``PRIORITY`` that can run. A forced backend that cannot run raises."""
+    else the first of ``PRIORITY`` that can run. A forced backend that cannot run raises. The answer
+    is cached per (op, device type, dtype, backend, MMALIGN_BACKEND, TRITON_INTERPRET)."""
+    return _select(op, _device_type(device), dtype, backend, os.environ.get("MMALIGN_BACKEND", ""),
+                   _triton.interpreting())
+
+
+@functools.lru_cache(maxsize=1024)
+def _select(op: str, device: str, dtype: torch.dtype, backend, _env: str, _interp: bool) -> str:
     forced, source = (backend, "backend=") if backend is not None else (_forced(op), "MMALIGN_BACKEND")
     if forced is not None:
         if forced not in BACKENDS:

@@ -9,7 +9,8 @@ from .ops.fused_linear_sequence_logps import (FusedLinearTokenLogpsFunction, chu
                                               fused_linear_token_logps_reference)
 from .ops.sequence_logps import SequenceLogps, TokenLogpsFunction, reduce_token_logps, token_logps_reference
 
-__all__ = ["sequence_logps", "token_logps", "fused_linear_sequence_logps", "SequenceLogps"]
+__all__ = ["sequence_logps", "token_logps", "fused_linear_sequence_logps", "SequenceLogps", "preference_loss",
+           "damo_step"]
 
 
 def _check_logps_inputs(logits_name, logits, labels, ignore_index, reduction, check_labels, vocab):
@@ -110,3 +111,225 @@ def fused_linear_sequence_logps(hidden: torch.Tensor, weight: torch.Tensor, labe
         tok = tok_sel.new_zeros(B * T).index_copy(0, rows, tok_sel).view(B, T)
     logps = reduce_token_logps(tok, labels, ignore_index, reduction)
     return SequenceLogps(logps, tok) if return_token_logps else logps
+
+
+# ----------------------------------------------------------------------------------------------------
+# Preference losses and the DAMO step (SPEC.md sections 2, 3, 5)
+# ----------------------------------------------------------------------------------------------------
+
+_LOGP_NAMES = ("policy_chosen_logps", "policy_rejected_logps", "ref_chosen_logps", "ref_rejected_logps")
+
+
+def _check_pair_inputs(logps, beta, running_mean, alpha_d, weights, check_inputs):
+    """Shapes, dtypes and devices of the per-pair inputs; with ``check_inputs``, also finiteness and
+    beta > 0 (one host synchronization)."""
+    first = logps[0]
+    _checks.tensor(_LOGP_NAMES[0], first, dim=1, dtypes=_checks.FLOATS)
+    N, dev = first.shape[0], first.device
+    if N == 0:
+        raise ValueError(f"{_LOGP_NAMES[0]}: expected at least one pair, got shape (0,)")
+    for name, t in zip(_LOGP_NAMES[1:], logps[1:]):
+        _checks.tensor(name, t, shape=(N,), dtypes=_checks.FLOATS, device=dev)
+    named = [(n, t) for n, t in zip(_LOGP_NAMES, logps)]
+    if isinstance(beta, torch.Tensor):
+        if beta.dim() > 1 or (beta.dim() == 1 and beta.shape[0] != N):
+            raise ValueError(f"beta: expected a float, a 0-dim tensor or shape ({N},), got {tuple(beta.shape)}")
+        _checks.tensor("beta", beta, dtypes=_checks.FLOATS, device=dev)
+    elif not isinstance(beta, (int, float)) or isinstance(beta, bool):
+        raise TypeError(f"beta: expected a float or a tensor, got {type(beta).__name__}")
+    elif not beta > 0:
+        raise ValueError(f"beta: expected beta > 0, got {beta}")
+    if running_mean is not None:
+        _checks.tensor("running_mean", running_mean, shape=(), dtypes=(torch.float32,), device=dev)
+        named.append(("running_mean", running_mean))
+    for name, t in (("alpha_d", alpha_d), ("weights", weights)):
+        if t is not None:
+            _checks.tensor(name, t, shape=(N,), dtypes=_checks.FLOATS, device=dev)
+            named.append((name, t))
+    if check_inputs:
+        flags = [~torch.isfinite(t).all() for _, t in named]
+        if isinstance(beta, torch.Tensor):
+            flags.append((beta <= 0).any())
+        bad = torch.stack(flags).nonzero().flatten().tolist()  # the one host synchronization
+        if bad:
+            i = bad[0]
+            if i == len(named):
+                raise ValueError("beta: expected every beta > 0")
+            raise ValueError(f"{named[i][0]}: expected finite values, got NaN or inf "
+                             "(pass check_inputs=False to let them propagate: NaN loss, empty mask, g unchanged)")
+    return N, dev
+
+
+def _contig(t):
+    return t.contiguous() if t is not None and isinstance(t, torch.Tensor) else t
+
+
+def preference_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
+                    ref_chosen_logps: torch.Tensor, ref_rejected_logps: torch.Tensor, beta=0.1, *,
+                    loss_type: str = "sigmoid", label_smoothing: float = 0.0, weights: torch.Tensor | None = None,
+                    reduction: str = "mean", check_inputs: bool = True, backend: str | None = None):
+    """DPO / IPO / hinge loss with a scalar or per-pair beta, SPEC.md section 2, in one fused launch.
+
+    Args: the four (N,) sequence log-probs; ``beta`` a float, 0-dim or (N,) tensor (> 0, a constant
+    for gradients); ``weights`` (N,) per-pair weights. reduction="mean": sum(w l) / sum(w) (plain mean
+    without weights); "none": w l per pair.
+    Returns: :class:`PreferenceLoss` (loss, losses, chosen_rewards, rejected_rewards, margins,
+    accuracies); gradients flow to the four log-probs."""
+    from .ops.damo_step import DAMOConfig, DAMOStepFunction, StepInputs
+    from .ops.preference_loss import PreferenceLoss, preference_loss_reference
+
+    _checks.choice("loss_type", loss_type, ("sigmoid", "ipo", "hinge"))
+    _checks.choice("reduction", reduction, ("mean", "none"))
+    logps = (policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
+    N, dev = _check_pair_inputs(logps, beta, None, None, weights, check_inputs)
+    name = _dispatch.select("preference_loss", dev, policy_chosen_logps.dtype, backend)
+    if name == "reference":
+        return preference_loss_reference(*logps, beta, loss_type=loss_type, label_smoothing=label_smoothing,
+                                         weights=weights, reduction=reduction)
+    cfg = DAMOConfig(variant="paper", filter="none", use_alpha_m=False, use_alpha_d=False, loss_type=loss_type,
+                     label_smoothing=label_smoothing)
+    cfg.validate()
+    scratch = torch.zeros((), dtype=torch.float32, device=dev)  # no running mean in a plain loss
+    x = StepInputs(*(t.contiguous() for t in logps), _contig(beta), None, _contig(weights), scratch, scratch, 0, 0,
+                   False)
+    loss, losses, _, _, r_w, r_l, _ = DAMOStepFunction.apply(*x[:4], x, cfg, name)
+    if reduction == "none":
+        loss = losses if weights is None else losses * weights
+    return PreferenceLoss(loss, losses, r_w, r_l, r_w - r_l, r_w > r_l)
+
+
+def damo_step(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
+              ref_chosen_logps: torch.Tensor, ref_rejected_logps: torch.Tensor, running_mean: torch.Tensor, *,
+              beta=0.1, alpha_d: torch.Tensor | None = None, preset: str | None = None,
+              variant: str | None = None, selection: str | None = None, filter: str | None = None,
+              keep: float | int | None = None, gamma: float | None = None, combine: str | None = None,
+              rho: float | None = None, loss_type: str | None = None, label_smoothing: float | None = None,
+              config=None, weights: torch.Tensor | None = None, seed: int = 0, step: int | torch.Tensor = 0,
+              increment_step: bool = False, inplace: bool = False, group=None, check_inputs: bool = True,
+              backend: str | None = None):
+    """The model-aware DAMO step of SPEC.md section 3 (and section 5's presets) in one launch.
+
+    Args:
+        policy_*/ref_* logps: (N,) sequence log-probs (policy ones differentiable).
+        running_mean: 0-dim float32 tensor g (init 0). Updated in place with ``inplace=True``; the
+            updated value is returned either way.
+        beta: base beta (float, 0-dim or (N,) tensor); alpha_d: (N,) data-aware factors or None.
+        preset: "dpo" | "d2po" | "mdpo" | "damo" | None; the other keywords override it
+            (defaults: variant="official", selection="sample", filter="both", keep=0.8, gamma=0.9,
+            combine="product", rho=0.5, loss_type="sigmoid", label_smoothing=0). ``config``: a
+            complete :class:`mmalign.ops.damo_step.DAMOConfig` instead of preset and keywords.
+        seed, step: the random draw of selection="sample" is a function of (seed, step, i) only;
+            ``step`` may be a 0-dim int64 tensor read on the device (CUDA graphs) and incremented by the
+            kernel with ``increment_step=True``.
+        group: a torch.distributed process group; by default the world when torch.distributed is
+            initialized with more than one rank. Every rank must pass the same N: margins, log-ratios and
+            alpha_d are all-gathered, every rank computes the same mask, alpha_M and g, and each returns
+            the loss of its own slice (the sum over ranks is the loss of the global batch).
+        check_inputs: raise on non-finite inputs or beta <= 0 (one host synchronization).
+    Returns: DAMOStep(loss, running_mean, metrics) with DAMOMetrics(keep, alpha_m, beta, chosen_rewards,
+    rejected_rewards, margins, accuracies, losses)."""
+    from .ops.damo_step import DAMOConfig
+
+    overrides = dict(variant=variant, selection=selection, filter=filter, keep=keep, gamma=gamma, combine=combine,
+                     rho=rho, loss_type=loss_type, label_smoothing=label_smoothing)
+    if config is not None:
+        if preset is not None or any(v is not None for v in overrides.values()):
+            raise ValueError("config: pass either config or preset/keywords, not both")
+        if not isinstance(config, DAMOConfig):
+            raise TypeError(f"config: expected a DAMOConfig, got {type(config).__name__}")
+        config.validate()
+        cfg = config
+    else:
+        cfg = DAMOConfig.from_preset(preset, **overrides)
+    logps = (policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
+    N, dev = _check_pair_inputs(logps, beta, running_mean, alpha_d, weights, check_inputs)
+    if isinstance(step, torch.Tensor):
+        _checks.tensor("step", step, shape=(), dtypes=(torch.int64,), device=dev)
+    if not isinstance(seed, int) or not 0 <= seed < 2**63:
+        raise ValueError(f"seed: expected an int in [0, 2**63), got {seed!r}")
+    world = _world(group)
+    if world > 1:
+        return _damo_step_distributed(logps, running_mean, beta, alpha_d, weights, cfg, seed, step, increment_step,
+                                      inplace, group, backend)
+    cfg.k(N)  # raises when K > N
+    name = _dispatch.select("damo_step", dev, policy_chosen_logps.dtype, backend)
+    return _damo_step_local(logps, running_mean, beta, alpha_d, weights, cfg, seed, step, increment_step, inplace,
+                            name)
+
+
+def _damo_step_local(logps, running_mean, beta, alpha_d, weights, cfg, seed, step, increment_step, inplace, name):
+    from .ops.damo_step import DAMOMetrics, DAMOStep, DAMOStepFunction, StepInputs, damo_step_reference
+
+    if name == "reference":
+        out = damo_step_reference(*logps, beta, running_mean, cfg, alpha_d=alpha_d, weights=weights, seed=seed,
+                                  step=int(step))
+        if increment_step and isinstance(step, torch.Tensor):
+            step.add_(1)
+        if inplace:
+            running_mean.copy_(out.running_mean)
+            return out._replace(running_mean=running_mean)
+        return out
+    g_out = running_mean if inplace else torch.empty_like(running_mean)
+    x = StepInputs(*(t.contiguous() for t in logps), _contig(beta), _contig(alpha_d), _contig(weights), running_mean,
+                   g_out, step, seed, increment_step)
+    loss, losses, keep, beta_i, r_w, r_l, alpha_m = DAMOStepFunction.apply(*x[:4], x, cfg, name)
+    return DAMOStep(loss, g_out, DAMOMetrics(keep, alpha_m, beta_i, r_w, r_l, r_w - r_l, r_w > r_l, losses.detach()))
+
+
+def _world(group) -> int:
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        if group is not None:
+            raise ValueError("group: torch.distributed is not initialized")
+        return 1
+    return dist.get_world_size(group)
+
+
+def _damo_step_distributed(logps, running_mean, beta, alpha_d, weights, cfg, seed, step, increment_step, inplace,
+                           group, backend):
+    """Gather the per-pair statistics of every rank, run the step on the global batch (identically on
+    every rank), and return this rank's slice of the loss with its exact gradient."""
+    import torch.distributed as dist
+
+    from .ops.damo_step import DAMOMetrics, DAMOStep
+
+    pc, pr, rc, rr = logps
+    logr_w, logr_l = pc - rc, pr - rr
+    u = logr_w - logr_l
+    world, rank, N = dist.get_world_size(group), dist.get_rank(group), u.shape[0]
+
+    def gather(t):
+        parts = [torch.empty_like(t) for _ in range(world)]
+        dist.all_gather(parts, t.detach().contiguous(), group=group)
+        return torch.cat(parts)
+
+    gw, gl = gather(logr_w), gather(logr_l)
+    g_beta = gather(beta.expand(N)) if isinstance(beta, torch.Tensor) and beta.dim() == 1 else beta
+    g_ad = gather(alpha_d) if alpha_d is not None else None
+    g_wt = gather(weights) if weights is not None else None
+    zeros = torch.zeros_like(gw)
+    name = _dispatch.select("damo_step", gw.device, gw.dtype, backend)
+    out = _damo_step_local((gw, gl, zeros, zeros), running_mean, g_beta, g_ad, g_wt, cfg, seed, step,
+                           increment_step, inplace, name)
+    m = out.metrics
+    sl = slice(rank * N, (rank + 1) * N)
+    wt = m.keep.to(m.losses.dtype) * (g_wt if g_wt is not None else 1.0)
+    share = wt / wt.sum()
+    value = (share[sl] * m.losses[sl]).sum()
+    # d loss / d u_i for this rank's pairs, recomputed from the closed form of the per-pair loss
+    grad_u = share[sl] * _pair_loss_grad(u.detach(), m.beta[sl], cfg)
+    loss = value.detach() + (grad_u * (u - u.detach())).sum()
+    local = DAMOMetrics(m.keep[sl], m.alpha_m, m.beta[sl], m.chosen_rewards[sl], m.rejected_rewards[sl],
+                        m.margins[sl], m.accuracies[sl], m.losses[sl])
+    return DAMOStep(loss, out.running_mean, local)
+
+
+def _pair_loss_grad(u, beta_i, cfg):
+    """d l(beta_i, u) / d u of SPEC.md section 2, through autograd of the reference formula."""
+    from .ops.preference_loss import pair_loss_reference
+
+    with torch.enable_grad():
+        uu = u.detach().requires_grad_()
+        (g,) = torch.autograd.grad(pair_loss_reference(uu, beta_i, cfg.loss_type, cfg.label_smoothing).sum(), uu)
+    return g

@@ -41,3 +41,47 @@ class FusedLinearSequenceLogps(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, chunk_size={self.chunk_size}"
+
+
+class DAMOLoss(torch.nn.Module):
+    """The DAMO loss (SPEC.md section 3) as a module: holds the configuration, the running mean g and the
+    step counter as buffers (saved in ``state_dict``, restored on load), and the seed of the sampled
+    selection (saved as extra state). Each training-mode call runs :func:`mmalign.functional.damo_step`
+    in one launch, updates g in place and increments ``step`` on the device (no host synchronization
+    with ``check_inputs=False``); eval-mode calls use g without updating it.
+
+    Gradient accumulation: statistics (S, alpha_M, g) are taken per call, i.e. per micro-batch; a
+    trainer that wants them over the whole accumulated batch gathers the micro-batches' log-probs and
+    calls once."""
+
+    def __init__(self, beta: float = 0.1, preset: str | None = "damo", seed: int = 0, check_inputs: bool = True,
+                 backend: str | None = None, **config):
+        super().__init__()
+        from .ops.damo_step import DAMOConfig
+
+        self.config = DAMOConfig.from_preset(preset, **config)
+        if not isinstance(beta, (int, float)) or not beta > 0:
+            raise ValueError(f"beta: expected a float > 0, got {beta!r}")
+        self.beta, self.seed, self.check_inputs, self.backend = float(beta), int(seed), check_inputs, backend
+        self.register_buffer("running_mean", torch.zeros((), dtype=torch.float32))
+        self.register_buffer("step", torch.zeros((), dtype=torch.int64))
+
+    def forward(self, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
+                alpha_d: torch.Tensor | None = None, weights: torch.Tensor | None = None, group=None):
+        return F.damo_step(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
+                           self.running_mean, beta=self.beta, alpha_d=alpha_d, config=self.config,
+                           weights=weights, seed=self.seed, step=self.step,
+                           increment_step=self.training, inplace=self.training, group=group,
+                           check_inputs=self.check_inputs, backend=self.backend)
+
+    def get_extra_state(self):
+        return {"seed": self.seed, "config": self.config.__dict__, "beta": self.beta}
+
+    def set_extra_state(self, state):
+        from .ops.damo_step import DAMOConfig
+
+        self.seed, self.beta = int(state["seed"]), float(state["beta"])
+        self.config = DAMOConfig(**state["config"])
+
+    def extra_repr(self) -> str:
+        return f"beta={self.beta}, seed={self.seed}, config={self.config}"

@@ -1,0 +1,224 @@
+// CPU kernel of the fused DAMO step (SPEC.md sections 2, 3, 5); mirrors _damo_step_kernel in
+// mmalign/ops/damo_step.py line by line: same keys, same float32 ordering with ties towards the lower
+// index, same counter-based random numbers, so both backends keep the same pairs.
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <optional>
+#include <tuple>
+#include <vector>
+
+#include "../damo_step.h"
+
+namespace mmalign {
+namespace cpu {
+namespace {
+
+inline uint64_t mix64(uint64_t z) {
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+  return z ^ (z >> 31);
+}
+
+template <typename T>
+inline T sigmoid(T x) {
+  return T(1) / (T(1) + std::exp(-x));
+}
+
+template <typename T>
+inline T logsigmoid(T x) {
+  return std::min(x, T(0)) - std::log1p(std::exp(-std::abs(x)));
+}
+
+// Order-preserving int64 of (float32 key, index): larger key first, then lower index.
+inline int64_t rank_key(float key, int64_t i, int64_t block) {
+  int32_t kb;
+  std::memcpy(&kb, &key, sizeof(kb));
+  const int32_t ordered = kb < 0 ? (kb ^ 0x7FFFFFFF) : kb;
+  return (static_cast<int64_t>(ordered) << 32) | (block - 1 - i);
+}
+
+template <typename T>
+inline bool finite(T x) {
+  return std::isfinite(static_cast<double>(x));
+}
+
+// An optional (N,) tensor of any float dtype and stride as acc_t values; `fill` where absent.
+template <typename acc_t>
+std::vector<acc_t> load_vec(const std::optional<at::Tensor>& t, int64_t N, acc_t fill) {
+  std::vector<acc_t> v(N, fill);
+  if (!t.has_value()) return v;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t->scalar_type(), "damo_step_load", [&] {
+    const scalar_t* p = t->const_data_ptr<scalar_t>();
+    const int64_t st = t->stride(0);
+    for (int64_t i = 0; i < N; ++i) v[i] = static_cast<acc_t>(p[i * st]);
+  });
+  return v;
+}
+
+template <typename scalar_t, typename acc_t>
+void step_impl(const DamoStepArgs& a, const DamoStepOutputs& o) {
+  const int64_t N = a.pc.size(0);
+  auto load = [](const at::Tensor& t) {
+    std::vector<acc_t> v(t.size(0));
+    const scalar_t* p = t.const_data_ptr<scalar_t>();
+    const int64_t s = t.stride(0);
+    for (int64_t i = 0; i < t.size(0); ++i) v[i] = static_cast<acc_t>(p[i * s]);
+    return v;
+  };
+  const auto pc = load(a.pc), pr = load(a.pr), rc = load(a.rc), rr = load(a.rr);
+  const auto beta = load_vec(a.beta, N, static_cast<acc_t>(a.beta_scalar));
+  const auto ad = load_vec(a.alpha_d, N, acc_t(1));
+  const bool has_w = a.weights.has_value();
+  const auto wts = load_vec(a.weights, N, acc_t(1));
+  const acc_t g = static_cast<acc_t>(*a.g.const_data_ptr<float>());
+
+  std::vector<acc_t> logr_w(N), logr_l(N), u(N), A(N);
+  int64_t n_bad = 0;
+  const bool small_g = std::abs(g) < acc_t(1e-6);
+  for (int64_t i = 0; i < N; ++i) {
+    logr_w[i] = pc[i] - rc[i];
+    logr_l[i] = pr[i] - rr[i];
+    u[i] = logr_w[i] - logr_l[i];
+    A[i] = u[i];
+    if (a.paper) {
+      const acc_t R = beta[i] * u[i];
+      A[i] = small_g ? R : R / g;
+    }
+    n_bad += finite(A[i]) ? 0 : 1;
+  }
+  const bool bad = n_bad > 0 || !finite(g);
+
+  // ---- the kept set S ----
+  std::vector<char> keep(N, 1);
+  if (a.select != kSelectAll) {
+    std::vector<acc_t> key(N);
+    for (int64_t i = 0; i < N; ++i) {
+      const acc_t d = A[i] - g;
+      key[i] = a.select == kSelectBottom ? -A[i] : a.select == kSelectTop ? A[i] : a.paper ? -d * d : -d * d / 2;
+    }
+    if (a.select == kSelectClosestSample) {
+      bool any_w = false;
+      for (int64_t i = 0; i < N; ++i) any_w = any_w || std::exp(key[i]) > acc_t(0);
+      if (any_w) {
+        const uint64_t step = a.step.has_value() ? static_cast<uint64_t>(*a.step->const_data_ptr<int64_t>())
+                                                 : static_cast<uint64_t>(a.step_scalar);
+        const uint64_t rkey = mix64(mix64(static_cast<uint64_t>(a.seed)) + step);
+        for (int64_t i = 0; i < N; ++i) {
+          const uint64_t z = mix64(rkey + static_cast<uint64_t>(i + 1) * 0x9E3779B97F4A7C15ULL);
+          const float U = (static_cast<float>(z >> 40) + 0.5f) * (1.0f / 16777216.0f);
+          key[i] += static_cast<acc_t>(-std::log(-std::log(U)));
+        }
+      }
+    }
+    int64_t block = 16;
+    while (block < N) block *= 2;
+    std::vector<int64_t> comp(N), sorted(N);
+    for (int64_t i = 0; i < N; ++i) comp[i] = rank_key(static_cast<float>(key[i]), i, block);
+    sorted = comp;
+    std::nth_element(sorted.begin(), sorted.begin() + (a.K - 1), sorted.end(), std::greater<int64_t>());
+    const int64_t thr = sorted[a.K - 1];
+    for (int64_t i = 0; i < N; ++i) keep[i] = comp[i] >= thr;
+  }
+
+  // ---- alpha_M and the running mean ----
+  acc_t sum_sig = 0, sum_A_kept = 0, sum_A = 0;
+  for (int64_t i = 0; i < N; ++i) {
+    sum_sig += keep[i] ? sigmoid(A[i]) : acc_t(0);
+    sum_A_kept += keep[i] ? A[i] : acc_t(0);
+    sum_A += A[i];
+  }
+  acc_t alpha_m, g_new;
+  if (a.paper) {
+    const acc_t r_bar = sum_A_kept / a.K;
+    alpha_m = sigmoid(r_bar) / sigmoid(g);
+    g_new = a.gamma * g + (1 - a.gamma) * r_bar;
+  } else {
+    alpha_m = sum_sig / a.K / sigmoid(g);
+    g_new = a.gamma * g + (1 - a.gamma) * sum_A / N;
+  }
+  if (!a.use_m) alpha_m = 1;
+
+  // ---- per-pair beta, loss and derivative; weighted mean over S ----
+  std::vector<acc_t> beta_i(N), losses(N), dl_du(N), wt(N);
+  acc_t denom = 0, num = 0;
+  const acc_t eps = a.eps;
+  for (int64_t i = 0; i < N; ++i) {
+    const acc_t alpha = a.combine_sum ? (1 - acc_t(a.rho)) * alpha_m + acc_t(a.rho) * ad[i] : ad[i] * alpha_m;
+    beta_i[i] = std::max(beta[i] * alpha, static_cast<acc_t>(a.min_beta));
+    const acc_t mm = beta_i[i] * u[i];
+    if (a.loss_kind == 0) {
+      losses[i] = -(1 - eps) * logsigmoid(mm) - eps * logsigmoid(-mm);
+      dl_du[i] = beta_i[i] * (-(1 - eps) * sigmoid(-mm) + eps * sigmoid(mm));
+    } else if (a.loss_kind == 1) {
+      const acc_t d = u[i] - 1 / (2 * beta_i[i]);
+      losses[i] = d * d;
+      dl_du[i] = 2 * d;
+    } else {
+      losses[i] = std::max(1 - mm, acc_t(0));
+      dl_du[i] = 1 - mm > 0 ? -beta_i[i] : acc_t(0);
+    }
+    wt[i] = (keep[i] ? acc_t(1) : acc_t(0)) * (has_w ? wts[i] : acc_t(1));
+    denom += wt[i];
+    num += wt[i] * losses[i];
+  }
+  const acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
+  acc_t* LOSSES = o.losses.mutable_data_ptr<acc_t>();
+  uint8_t* KEEP = o.keep.mutable_data_ptr<uint8_t>();
+  acc_t* BETA = o.beta.mutable_data_ptr<acc_t>();
+  acc_t* RW = o.rw.mutable_data_ptr<acc_t>();
+  acc_t* RL = o.rl.mutable_data_ptr<acc_t>();
+  acc_t* GU = o.grad_u.mutable_data_ptr<acc_t>();
+  acc_t* DL = o.dl_du.mutable_data_ptr<acc_t>();
+  for (int64_t i = 0; i < N; ++i) {
+    LOSSES[i] = bad ? nan : losses[i];
+    KEEP[i] = bad ? 0 : static_cast<uint8_t>(keep[i]);
+    BETA[i] = beta_i[i];
+    RW[i] = beta_i[i] * logr_w[i];
+    RL[i] = beta_i[i] * logr_l[i];
+    GU[i] = bad ? nan : wt[i] / denom * dl_du[i];
+    DL[i] = dl_du[i];
+  }
+  *o.loss.mutable_data_ptr<acc_t>() = bad ? nan : num / denom;
+  *o.alpha_m.mutable_data_ptr<acc_t>() = alpha_m;
+  *a.g_out.mutable_data_ptr<float>() = static_cast<float>(bad ? g : g_new);
+  if (a.incr_step && a.step.has_value()) *a.step->mutable_data_ptr<int64_t>() += 1;
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+damo_step_fwd(const at::Tensor& pc, const at::Tensor& pr, const at::Tensor& rc, const at::Tensor& rr,
+              const std::optional<at::Tensor>& beta, double beta_scalar, const std::optional<at::Tensor>& alpha_d,
+              const std::optional<at::Tensor>& weights, const at::Tensor& g, const at::Tensor& g_out,
+              const std::optional<at::Tensor>& step, int64_t step_scalar, int64_t seed, int64_t K, double gamma,
+              double rho, double eps, double min_beta, bool paper, int64_t select, int64_t loss_kind, bool use_m,
+              bool combine_sum, bool incr_step) {
+  const DamoStepArgs a{pc, pr, rc, rr, beta, beta_scalar, alpha_d, weights, g, g_out, step, step_scalar, seed, K,
+                       gamma, rho, eps, min_beta, paper, select, loss_kind, use_m, combine_sum, incr_step};
+  check_damo_step_args(a, "mmalign::damo_step_fwd");
+  const int64_t N = pc.size(0);
+  const auto opts = pc.options().dtype(pc.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
+  const DamoStepOutputs o{at::empty({}, opts), at::empty({N}, opts), at::empty({N}, opts.dtype(at::kByte)),
+                          at::empty({N}, opts), at::empty({N}, opts), at::empty({N}, opts), at::empty({N}, opts),
+                          at::empty({N}, opts), at::empty({}, opts)};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pc.scalar_type(), "damo_step_cpu", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    step_impl<scalar_t, acc_t>(a, o);
+  });
+  return {o.loss, o.losses, o.keep.view(at::kBool), o.beta, o.rw, o.rl, o.grad_u, o.dl_du, o.alpha_m};
+}
+
+}  // namespace cpu
+}  // namespace mmalign
+
+TORCH_LIBRARY_IMPL(mmalign, CPU, m) {
+  m.impl("damo_step_fwd", &mmalign::cpu::damo_step_fwd);
+}

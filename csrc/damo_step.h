@@ -1,0 +1,38 @@
+// The fused DAMO step (SPEC.md sections 2, 3, 5): shared argument bundle and checks.
+#pragma once
+#include <ATen/core/Tensor.h>
+
+#include <optional>
+
+namespace mmalign {
+
+enum DamoSelect : int64_t { kSelectAll = 0, kSelectClosest = 1, kSelectClosestSample = 2, kSelectBottom = 3, kSelectTop = 4 };
+
+struct DamoStepArgs {
+  const at::Tensor& pc;
+  const at::Tensor& pr;
+  const at::Tensor& rc;
+  const at::Tensor& rr;
+  const std::optional<at::Tensor>& beta;  // (N,), any stride; beta_scalar when absent
+  double beta_scalar;
+  const std::optional<at::Tensor>& alpha_d;  // (N,) or absent (alpha_D = 1)
+  const std::optional<at::Tensor>& weights;  // (N,) or absent
+  const at::Tensor& g;                       // 0-dim running mean, read
+  const at::Tensor& g_out;                   // 0-dim, written (may be g)
+  const std::optional<at::Tensor>& step;     // 0-dim int64 read (and incremented), or step_scalar
+  int64_t step_scalar;
+  int64_t seed;
+  int64_t K;
+  double gamma, rho, eps, min_beta;
+  bool paper;
+  int64_t select, loss_kind;
+  bool use_m, combine_sum, incr_step;
+};
+
+struct DamoStepOutputs {
+  at::Tensor loss, losses, keep, beta, rw, rl, grad_u, dl_du, alpha_m;
+};
+
+void check_damo_step_args(const DamoStepArgs& a, const char* op);
+
+}  // namespace mmalign

@@ -1,0 +1,349 @@
+"""The fused DAMO step against the literal reference of SPEC.md sections 2, 3 and 5, every backend."""
+import itertools
+import math
+
+import pytest
+import torch
+
+import mmalign
+import mmalign.functional as F
+from mmalign.ops.damo_step import DAMOConfig, damo_step_reference, uniforms_reference
+
+from .._numerics import DEVICES, backends, cases
+
+OP = "damo_step"
+CONFIGS = [
+    dict(),  # damo, official, sampled
+    dict(selection="topk"),
+    dict(variant="paper"),
+    dict(variant="paper", filter="bottom"),
+    dict(filter="top"),
+    dict(preset="dpo"),
+    dict(preset="d2po"),
+    dict(preset="mdpo", selection="topk"),
+    dict(combine="sum", rho=0.3),
+    dict(loss_type="ipo"),
+    dict(loss_type="hinge", variant="paper"),
+    dict(label_smoothing=0.2),
+]
+
+
+def _inputs(g, N, device, dtype=torch.float64):
+    logps = [(-20 + 3 * torch.randn(N, generator=g, dtype=torch.float64)).to(device=device, dtype=dtype)
+             for _ in range(4)]
+    alpha_d = (0.5 + torch.rand(N, generator=g, dtype=torch.float64)).to(device=device, dtype=dtype)
+    return logps, alpha_d
+
+
+def _run(logps, alpha_d, running_mean, kw, backend, seed=7, step=3):
+    kw = dict(kw)
+    preset = kw.pop("preset", None)
+    return F.damo_step(*logps, running_mean, beta=0.1, alpha_d=alpha_d, preset=preset, seed=seed, step=step,
+                       backend=backend, **kw)
+
+
+def _ref(logps, alpha_d, running_mean, kw, seed=7, step=3):
+    kw = dict(kw)
+    cfg = DAMOConfig.from_preset(kw.pop("preset", None), **kw)
+    return damo_step_reference(*logps, 0.1, running_mean, cfg, alpha_d=alpha_d, seed=seed, step=step)
+
+
+def _assert_same(out, ref):
+    assert torch.equal(out.metrics.keep, ref.metrics.keep)
+    torch.testing.assert_close(out.loss, ref.loss)
+    torch.testing.assert_close(out.running_mean, ref.running_mean)
+    for name in ("alpha_m", "beta", "chosen_rewards", "rejected_rewards", "margins", "losses"):
+        torch.testing.assert_close(getattr(out.metrics, name), getattr(ref.metrics, name), msg=name)
+    assert torch.equal(out.metrics.accuracies, ref.metrics.accuracies)
+
+
+@pytest.mark.parametrize("device,backend,dtype", cases(OP, (torch.float64, torch.float32)))
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()) or "damo")
+@pytest.mark.parametrize("g0", [0.0, 0.7])
+def test_matches_reference(rng, poison, device, backend, dtype, cfg, g0):
+    logps, alpha_d = _inputs(rng, 16, device, dtype)
+    logps = [t.requires_grad_() for t in logps]
+    g = torch.tensor(g0, device=device)
+    out = _run(logps, alpha_d, g, cfg, backend)
+    ref = _ref(logps, alpha_d, g, cfg)
+    _assert_same(out, ref)
+    assert g.item() == torch.tensor(g0).item()  # not in place unless asked
+    gout = torch.autograd.grad(out.loss, logps)
+    gref = torch.autograd.grad(ref.loss, logps)
+    for a, b in zip(gout, gref):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("device,backend,dtype", cases(OP))
+@pytest.mark.parametrize("N", [1, 2, 3, 16, 17, 1000, 4096])
+def test_fuzzed_sizes_and_k(rng, device, backend, dtype, N):
+    if backend == "triton" and device == "cpu" and N > 17:
+        pytest.skip("the Triton interpreter sorts 1000+ keys in ~10 s per call; cpp/reference cover it on CPU, "
+                    "the GPU run covers Triton")
+    logps, alpha_d = _inputs(rng, N, device)
+    g = torch.tensor(0.1 * torch.randn((), generator=rng).item(), device=device)
+    for K, cfg in itertools.product(sorted({1, max(1, N - 1), N}), (dict(), dict(variant="paper", keep=None))):
+        cfg = dict(cfg, keep=K)
+        out, ref = _run(logps, alpha_d, g, cfg, backend), _ref(logps, alpha_d, g, cfg)
+        assert int(out.metrics.keep.sum()) == K
+        _assert_same(out, ref)
+
+
+@pytest.mark.parametrize("device,backend,dtype", cases(OP))
+@pytest.mark.parametrize("cfg", [dict(preset="dpo"), dict(preset="d2po"), dict(preset="d2po", loss_type="ipo"),
+                                 dict(preset="d2po", variant="paper", filter="both", keep=3)])
+def test_gradcheck(rng, device, backend, dtype, cfg):
+    """gradcheck where beta_i does not depend on the inputs (alpha_M is a detached function of them,
+    so finite differences would see it move); the other presets are compared with the reference's
+    autograd in test_matches_reference."""
+    logps, alpha_d = _inputs(rng, 6, device)
+    logps = [t.requires_grad_() for t in logps]
+    g = torch.tensor(0.0, device=device)
+    assert torch.autograd.gradcheck(lambda *x: _run(x, alpha_d, g, cfg, backend).loss, logps)
+
+
+def test_official_topk_by_hand():
+    """The released code's dpo_loss (SPEC.md §3 "official") on fixed inputs, computed by hand in floats."""
+    margins = [0.5, -1.0, 2.0, 0.1, 3.5]  # u_i, with ref log-probs 0 and pr = 0: pc = u
+    g, beta, gamma = 0.2, 0.1, 0.9
+    alpha_d = [1.0, 1.2, 0.8, 1.0, 0.5]
+    K = math.floor(0.8 * 5)  # 4
+    w = [math.exp(-((a - g) ** 2) / 2) for a in margins]
+    S = sorted(range(5), key=lambda i: -w[i])[:K]  # the 4 largest w: drops u = 3.5
+    sig = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
+    alpha_m = sum(sig(margins[i]) for i in S) / K / sig(g)
+    beta_i = [max(beta * alpha_d[i] * alpha_m, 1e-3) for i in range(5)]
+    losses = [-math.log(sig(beta_i[i] * margins[i])) for i in range(5)]
+    loss = sum(losses[i] for i in S) / K
+    g_new = gamma * g + (1 - gamma) * sum(margins) / 5
+
+    u = torch.tensor(margins, dtype=torch.float64)
+    z = torch.zeros(5, dtype=torch.float64)
+    for backend in backends(OP, "cpu", torch.float64, include_reference=True):
+        out = F.damo_step(u, z, z, z, torch.tensor(g), beta=beta, alpha_d=torch.tensor(alpha_d, dtype=torch.float64),
+                          selection="topk", backend=backend)
+        assert out.metrics.keep.tolist() == [i in S for i in range(5)], backend
+        assert int(out.metrics.keep.sum()) == 4
+        torch.testing.assert_close(out.metrics.alpha_m.item(), alpha_m)
+        torch.testing.assert_close(out.metrics.beta.tolist(), beta_i)
+        torch.testing.assert_close(out.metrics.losses.tolist(), losses)
+        torch.testing.assert_close(out.loss.item(), loss)
+        torch.testing.assert_close(out.running_mean.item(), g_new, rtol=1e-6, atol=1e-7)  # g is float32
+
+
+def test_paper_first_step_by_hand():
+    """Eq. 9-15 literally at g = 0 (the first step): R-hat = R, alpha_M = sigma(Rbar) / sigma(0)."""
+    margins, beta, gamma = [1.0, -2.0, 0.5, 4.0, 0.2], 0.5, 0.9
+    R = [beta * m for m in margins]  # Eq. 9; g = 0 so Eq. 10 leaves R
+    d = [r ** 2 for r in R]  # Eq. 11 with g = 0
+    S = sorted(range(5), key=lambda i: d[i])[:4]  # keeps the 4 smallest d: drops 4.0
+    r_bar = sum(R[i] for i in S) / 4  # Eq. 12 (mean over S)
+    sig = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
+    alpha_m = sig(r_bar) / sig(0.0)  # Eq. 13
+    losses = [-math.log(sig(beta * alpha_m * m)) for m in margins]  # Eq. 16-17 with alpha_D = 1
+    u = torch.tensor(margins, dtype=torch.float64)
+    z = torch.zeros(5, dtype=torch.float64)
+    for backend in backends(OP, "cpu", torch.float64, include_reference=True):
+        out = F.damo_step(u, z, z, z, torch.tensor(0.0), beta=beta, variant="paper", preset="mdpo", backend=backend)
+        assert out.metrics.keep.tolist() == [i in S for i in range(5)]
+        torch.testing.assert_close(out.metrics.alpha_m.item(), alpha_m)
+        torch.testing.assert_close(out.loss.item(), sum(losses[i] for i in S) / 4)
+        torch.testing.assert_close(out.running_mean.item(), (1 - gamma) * r_bar, rtol=1e-6, atol=1e-7)  # Eq. 15
+
+
+def _inclusion_probabilities(w, K):
+    """Exact P(i in S) for K draws without replacement with probability ~ w (successive sampling)."""
+    p = [0.0] * len(w)
+    for seq in itertools.permutations(range(len(w)), K):
+        prob, left = 1.0, sum(w)
+        for i in seq:
+            prob *= w[i] / left
+            left -= w[i]
+        for i in seq:
+            p[i] += prob
+    return p
+
+
+def test_sampled_selection_frequencies():
+    """Over many steps the sampled mask keeps each pair as often as sampling ~ w_i without replacement."""
+    margins = [0.0, 0.5, 1.0, 1.5, 2.5]
+    g = 0.3
+    w = [math.exp(-((a - g) ** 2) / 2) for a in margins]
+    want = _inclusion_probabilities(w, 3)
+    u = torch.tensor(margins, dtype=torch.float64)
+    z = torch.zeros(5, dtype=torch.float64)
+    backend = backends(OP, "cpu", torch.float64)[-1]
+    n = 3000
+    counts = torch.zeros(5)
+    for step in range(n):
+        counts += F.damo_step(u, z, z, z, torch.tensor(g), keep=3, step=step, backend=backend).metrics.keep.float()
+    freq = (counts / n).tolist()
+    for f, p in zip(freq, want):
+        assert abs(f - p) < 5 * math.sqrt(p * (1 - p) / n) + 1e-3, (freq, want)
+
+
+def test_same_seed_and_step_same_mask_on_every_backend(rng):
+    logps, alpha_d = _inputs(rng, 300, "cpu")
+    g = torch.tensor(-0.4)
+    masks = [_run(logps, alpha_d, g, {}, b, seed=11, step=42).metrics.keep
+             for b in backends(OP, "cpu", torch.float64, include_reference=True)]
+    assert all(torch.equal(m, masks[0]) for m in masks)
+    other = _run(logps, alpha_d, g, {}, "reference", seed=11, step=43).metrics.keep
+    assert not torch.equal(other, masks[0])
+
+
+def test_uniforms_are_uniform():
+    u = uniforms_reference(1, 2, 100000)
+    assert 0 < u.min() and u.max() < 1
+    assert abs(u.mean().item() - 0.5) < 0.005 and abs(u.var().item() - 1 / 12) < 0.002
+
+
+def test_filters_keep_what_table_3_says():
+    u = torch.tensor([-3.0, -1.0, 0.0, 1.0, 3.0], dtype=torch.float64)
+    z = torch.zeros(5, dtype=torch.float64)
+    g = torch.tensor(0.0)
+    kept = {f: F.damo_step(u, z, z, z, g, filter=f, keep=3, variant="paper", beta=1.0).metrics.keep.tolist()
+            for f in ("both", "bottom", "top", "none")}
+    assert kept["both"] == [False, True, True, True, False]  # both extremes dropped
+    assert kept["bottom"] == [True, True, True, False, False]  # the largest rewards dropped
+    assert kept["top"] == [False, False, True, True, True]  # the smallest rewards dropped
+    assert kept["none"] == [True] * 5
+
+
+def test_presets_apply_the_right_factors(rng):
+    logps, alpha_d = _inputs(rng, 10, "cpu")
+    g = torch.tensor(0.2)
+    dpo = F.damo_step(*logps, g, alpha_d=alpha_d, preset="dpo")
+    assert dpo.metrics.keep.all() and torch.allclose(dpo.metrics.beta, torch.full((10,), 0.1, dtype=torch.float64))
+    d2po = F.damo_step(*logps, g, alpha_d=alpha_d, preset="d2po")
+    assert d2po.metrics.keep.all() and torch.allclose(d2po.metrics.beta, 0.1 * alpha_d)
+    mdpo = F.damo_step(*logps, g, alpha_d=alpha_d, preset="mdpo")
+    assert int(mdpo.metrics.keep.sum()) == 8
+    torch.testing.assert_close(mdpo.metrics.beta, (0.1 * mdpo.metrics.alpha_m).expand(10).clamp(min=1e-3))
+    damo = F.damo_step(*logps, g, alpha_d=alpha_d, preset="damo")
+    torch.testing.assert_close(damo.metrics.beta, (0.1 * alpha_d * damo.metrics.alpha_m).clamp(min=1e-3))
+
+
+@pytest.mark.parametrize("device,backend,dtype", cases(OP))
+def test_underflowing_weights_keep_the_closest(rng, device, backend, dtype):
+    u = torch.tensor([100.0, 90.0, 300.0, 95.0, 250.0], dtype=dtype, device=device)
+    z = torch.zeros_like(u)
+    out = F.damo_step(u, z, z, z, torch.tensor(0.0, device=device), keep=3, backend=backend)
+    assert out.metrics.keep.tolist() == [True, True, False, True, False]
+
+
+@pytest.mark.parametrize("device,backend,dtype", cases(OP))
+def test_ties_break_towards_the_lower_index(device, backend, dtype):
+    u = torch.full((6,), 0.5, dtype=dtype, device=device)
+    z = torch.zeros_like(u)
+    out = F.damo_step(u, z, z, z, torch.tensor(0.0, device=device), keep=4, selection="topk", backend=backend)
+    assert out.metrics.keep.tolist() == [True] * 4 + [False] * 2
+
+
+@pytest.mark.parametrize("device,backend,dtype", cases(OP))
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_inputs_propagate_when_unchecked(device, backend, dtype, bad):
+    u = torch.tensor([0.1, bad, 0.3, -0.2], dtype=dtype, device=device)
+    z = torch.zeros_like(u)
+    g = torch.tensor(0.25, device=device)
+    out = F.damo_step(u, z, z, z, g, check_inputs=False, backend=backend)
+    assert math.isnan(out.loss.item()) and not out.metrics.keep.any()
+    assert out.running_mean.item() == 0.25
+    with pytest.raises(ValueError, match="policy_chosen_logps: expected finite values"):
+        F.damo_step(u, z, z, z, g, backend=backend)
+
+
+def test_in_place_running_mean_and_step_tensor(rng):
+    logps, alpha_d = _inputs(rng, 16, "cpu")
+    for backend in backends(OP, "cpu", torch.float64, include_reference=True):
+        g, step = torch.tensor(0.0), torch.tensor(5)
+        ref = _ref(logps, alpha_d, g.clone(), {}, step=5)
+        out = F.damo_step(*logps, g, alpha_d=alpha_d, seed=7, step=step, increment_step=True, inplace=True,
+                          backend=backend)
+        assert out.running_mean is g and g.item() == ref.running_mean.item() and step.item() == 6
+        assert torch.equal(out.metrics.keep, ref.metrics.keep)
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(beta=0.0), "beta: expected beta > 0"),
+    (dict(keep=9), "keep: K = 9 is larger than the batch N = 8"),
+    (dict(keep=0), "keep: expected K >= 1"),
+    (dict(keep=1.5), r"keep: expected a keep ratio in \(0, 1\]"),
+    (dict(keep=0.0), r"keep: expected a keep ratio in \(0, 1\]"),
+    (dict(gamma=1.0), r"gamma: expected a value in \[0, 1\)"),
+    (dict(gamma=-0.1), r"gamma: expected a value in \[0, 1\)"),
+    (dict(variant="v2"), "variant: expected one of"),
+    (dict(selection="multinomial"), "selection: expected one of"),
+    (dict(filter="middle"), "filter: expected one of"),
+    (dict(preset="kto"), "preset: expected one of"),
+    (dict(alpha_d=torch.ones(7)), r"alpha_d: expected shape \(8,\)"),
+    (dict(running_mean=torch.zeros(1)), r"running_mean: expected shape \(\)"),
+    (dict(running_mean=torch.zeros((), dtype=torch.float64)), "running_mean: expected dtype"),
+    (dict(step=torch.tensor(1.0)), "step: expected dtype"),
+    (dict(seed=-1), "seed: expected an int"),
+])
+def test_bad_arguments_name_the_argument(kw, match):
+    logps = [torch.zeros(8) - 1 for _ in range(4)]
+    kw = dict(kw)
+    g = kw.pop("running_mean", torch.tensor(0.0))
+    with pytest.raises((ValueError, TypeError), match=match):
+        F.damo_step(*logps, g, **kw)
+
+
+def test_mismatched_devices():
+    a = torch.zeros(4)
+    with pytest.raises(ValueError, match="policy_rejected_logps: expected device cpu"):
+        F.damo_step(a, a.to("meta"), a, a, torch.tensor(0.0))
+
+
+def test_module_state_and_modes(rng):
+    logps, alpha_d = _inputs(rng, 16, "cpu")
+    m = mmalign.nn.DAMOLoss(beta=0.1, seed=3)
+    first = m(*logps, alpha_d=alpha_d)
+    assert m.step.item() == 1 and m.running_mean.item() == first.running_mean.item() != 0
+    clone = mmalign.nn.DAMOLoss(preset="dpo")
+    clone.load_state_dict(m.state_dict())
+    assert clone.seed == 3 and clone.config == m.config and clone.step.item() == 1
+    a, b = m(*logps, alpha_d=alpha_d), clone(*logps, alpha_d=alpha_d)  # resumed: same draw at step 1
+    assert torch.equal(a.metrics.keep, b.metrics.keep) and m.running_mean.item() == clone.running_mean.item()
+    m.eval()
+    before = (m.running_mean.item(), m.step.item())
+    m(*logps, alpha_d=alpha_d)
+    assert (m.running_mean.item(), m.step.item()) == before
+
+
+def test_opcheck(rng):
+    if "cpp" not in backends(OP, "cpu", torch.float32):
+        pytest.skip("extension not built")
+    logps, alpha_d = _inputs(rng, 9, "cpu", torch.float32)
+    args = (*logps, None, 0.1, alpha_d, None, torch.tensor(0.0), torch.tensor(0.0), torch.tensor(2), 0, 5, 7, 0.9, 0.5,
+            0.0, 1e-3, False, 2, 0, True, False, True)
+    torch.library.opcheck(torch.ops.mmalign.damo_step_fwd.default, args)
+
+
+@pytest.mark.gpu
+def test_no_host_sync_and_graph_capture():
+    """With check_inputs=False the step never synchronizes, and it replays inside a CUDA graph."""
+    dev = "cuda"
+    g = torch.Generator(device=dev).manual_seed(0)
+    logps = [torch.randn(16, device=dev, generator=g) - 20 for _ in range(4)]
+    m = mmalign.nn.DAMOLoss(check_inputs=False).to(dev)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = m(*logps)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert m.step.item() == 1 and out.metrics.keep.sum().item() == 12
+    static = [t.clone() for t in logps]
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        m(*static)  # warm-up on a side stream
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = m(*static)
+    step0, g0 = m.step.item(), m.running_mean.item()
+    graph.replay()
+    torch.cuda.synchronize()
+    assert m.step.item() == step0 + 1 and m.running_mean.item() != g0
