@@ -258,7 +258,11 @@ def damo_step(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Te
 
 
 def _damo_step_local(logps, running_mean, beta, alpha_d, weights, cfg, seed, step, increment_step, inplace, name):
+    from .ops import damo_step as ds
     from .ops.damo_step import DAMOMetrics, DAMOStep, DAMOStepFunction, StepInputs, damo_step_reference
+
+    if name == "triton" and logps[0].shape[0] > ds.MAX_FUSED_N:
+        name = "reference"  # one Triton program sorts at most MAX_FUSED_N keys; beyond, the eager path
 
     if name == "reference":
         out = damo_step_reference(*logps, beta, running_mean, cfg, alpha_d=alpha_d, weights=weights, seed=seed,

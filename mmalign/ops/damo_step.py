@@ -259,6 +259,8 @@ def damo_step_reference(pc, pr, rc, rr, beta, running_mean, cfg: DAMOConfig, *, 
 # Triton kernel: the whole step in one program (N <= MAX_FUSED_N)
 # ----------------------------------------------------------------------------------------------------
 
+# One program holds and sorts the whole batch: 8192 pairs fit (a DAMO batch is 16 to a few thousand
+# pairs). Larger batches take the eager reference path (several launches, host synchronizations).
 MAX_FUSED_N = 8192
 
 

@@ -347,3 +347,14 @@ def test_no_host_sync_and_graph_capture():
     graph.replay()
     torch.cuda.synchronize()
     assert m.step.item() == step0 + 1 and m.running_mean.item() != g0
+
+
+def test_batches_beyond_one_program_take_the_eager_path(rng, monkeypatch):
+    if "triton" not in backends(OP, "cpu", torch.float64):
+        pytest.skip("triton cannot run here")
+    import mmalign.ops.damo_step as ds
+
+    monkeypatch.setattr(ds, "MAX_FUSED_N", 8)
+    logps, alpha_d = _inputs(rng, 20, "cpu")
+    g = torch.tensor(0.3)
+    _assert_same(_run(logps, alpha_d, g, {}, "triton"), _ref(logps, alpha_d, g, {}))
