@@ -143,13 +143,6 @@ def _compiled_fwd(logits, labels, ignore_index):
     return torch.ops.mmalign.token_logps_fwd(logits, labels, ignore_index)
 
 
-def _compiled_bwd_into(out, grad, logits, labels, lse, ignore_index):
-    if out is logits:
-        torch.ops.mmalign.token_logps_bwd_(logits, grad, labels, lse, ignore_index)
-    else:
-        out.copy_(torch.ops.mmalign.token_logps_bwd(grad, logits, labels, lse, ignore_index))
-
-
 def _compiled_bwd(grad, logits, labels, lse, ignore_index, inplace):
     if inplace:
         torch.ops.mmalign.token_logps_bwd_(logits, grad, labels, lse, ignore_index)
