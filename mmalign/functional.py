@@ -175,7 +175,7 @@ def preference_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: to
     without weights); "none": w l per pair.
     Returns: :class:`PreferenceLoss` (loss, losses, chosen_rewards, rejected_rewards, margins,
     accuracies); gradients flow to the four log-probs."""
-    from .ops.damo_step import DAMOConfig, DAMOStepFunction, StepInputs
+    from .ops.damo_step import DAMOConfig
     from .ops.preference_loss import PreferenceLoss, preference_loss_reference
 
     _checks.choice("loss_type", loss_type, ("sigmoid", "ipo", "hinge"))
@@ -186,16 +186,13 @@ def preference_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: to
     if name == "reference":
         return preference_loss_reference(*logps, beta, loss_type=loss_type, label_smoothing=label_smoothing,
                                          weights=weights, reduction=reduction)
-    cfg = DAMOConfig(variant="paper", filter="none", use_alpha_m=False, use_alpha_d=False, loss_type=loss_type,
-                     label_smoothing=label_smoothing)
-    cfg.validate()
+    # the DAMO step with every pair kept, alpha = 1 and no beta clamp ("paper" variant) is exactly §2
+    cfg = DAMOConfig.from_preset("dpo", variant="paper", loss_type=loss_type, label_smoothing=label_smoothing)
     scratch = torch.zeros((), dtype=torch.float32, device=dev)  # no running mean in a plain loss
-    x = StepInputs(*(t.contiguous() for t in logps), _contig(beta), None, _contig(weights), scratch, scratch, 0, 0,
-                   False)
-    loss, losses, _, _, r_w, r_l, _ = DAMOStepFunction.apply(*x[:4], x, cfg, name)
-    if reduction == "none":
-        loss = losses if weights is None else losses * weights
-    return PreferenceLoss(loss, losses, r_w, r_l, r_w - r_l, r_w > r_l)
+    out = _damo_step_local(logps, scratch, beta, None, weights, cfg, 0, 0, False, True, name)
+    m = out.metrics
+    loss = out.loss if reduction == "mean" else (m.losses if weights is None else m.losses * weights)
+    return PreferenceLoss(loss, m.losses, m.chosen_rewards, m.rejected_rewards, m.margins, m.accuracies)
 
 
 def damo_step(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
@@ -277,7 +274,7 @@ def _damo_step_local(logps, running_mean, beta, alpha_d, weights, cfg, seed, ste
     x = StepInputs(*(t.contiguous() for t in logps), _contig(beta), _contig(alpha_d), _contig(weights), running_mean,
                    g_out, step, seed, increment_step)
     loss, losses, keep, beta_i, r_w, r_l, alpha_m = DAMOStepFunction.apply(*x[:4], x, cfg, name)
-    return DAMOStep(loss, g_out, DAMOMetrics(keep, alpha_m, beta_i, r_w, r_l, r_w - r_l, r_w > r_l, losses.detach()))
+    return DAMOStep(loss, g_out, DAMOMetrics(keep, alpha_m, beta_i, r_w, r_l, r_w - r_l, r_w > r_l, losses))
 
 
 def _world(group) -> int:
@@ -293,19 +290,20 @@ def _world(group) -> int:
 def _damo_step_distributed(logps, running_mean, beta, alpha_d, weights, cfg, seed, step, increment_step, inplace,
                            group, backend):
     """Gather the per-pair statistics of every rank, run the step on the global batch (identically on
-    every rank), and return this rank's slice of the loss with its exact gradient."""
+    every rank), and return this rank's share of the loss. This rank's slice of the gathered log-ratios
+    stays in the autograd graph, so the kernel's own backward gives its exact gradient."""
     import torch.distributed as dist
 
     from .ops.damo_step import DAMOMetrics, DAMOStep
 
     pc, pr, rc, rr = logps
     logr_w, logr_l = pc - rc, pr - rr
-    u = logr_w - logr_l
-    world, rank, N = dist.get_world_size(group), dist.get_rank(group), u.shape[0]
+    world, rank, N = dist.get_world_size(group), dist.get_rank(group), pc.shape[0]
 
     def gather(t):
         parts = [torch.empty_like(t) for _ in range(world)]
         dist.all_gather(parts, t.detach().contiguous(), group=group)
+        parts[rank] = t  # this rank's slice, still differentiable
         return torch.cat(parts)
 
     gw, gl = gather(logr_w), gather(logr_l)
@@ -319,21 +317,8 @@ def _damo_step_distributed(logps, running_mean, beta, alpha_d, weights, cfg, see
     m = out.metrics
     sl = slice(rank * N, (rank + 1) * N)
     wt = m.keep.to(m.losses.dtype) * (g_wt if g_wt is not None else 1.0)
-    share = wt / wt.sum()
-    value = (share[sl] * m.losses[sl]).sum()
-    # d loss / d u_i for this rank's pairs, recomputed from the closed form of the per-pair loss
-    grad_u = share[sl] * _pair_loss_grad(u.detach(), m.beta[sl], cfg)
-    loss = value.detach() + (grad_u * (u - u.detach())).sum()
+    loss = (wt[sl] / wt.sum() * m.losses[sl]).sum()  # the ranks' shares sum to the global mean over S
     local = DAMOMetrics(m.keep[sl], m.alpha_m, m.beta[sl], m.chosen_rewards[sl], m.rejected_rewards[sl],
                         m.margins[sl], m.accuracies[sl], m.losses[sl])
     return DAMOStep(loss, out.running_mean, local)
 
-
-def _pair_loss_grad(u, beta_i, cfg):
-    """d l(beta_i, u) / d u of SPEC.md section 2, through autograd of the reference formula."""
-    from .ops.preference_loss import pair_loss_reference
-
-    with torch.enable_grad():
-        uu = u.detach().requires_grad_()
-        (g,) = torch.autograd.grad(pair_loss_reference(uu, beta_i, cfg.loss_type, cfg.label_smoothing).sum(), uu)
-    return g

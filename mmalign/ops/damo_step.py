@@ -147,7 +147,7 @@ def _validate(cfg: DAMOConfig) -> None:  # configurations are frozen: check each
 
 
 class DAMOMetrics(NamedTuple):
-    """Per-step metrics of :func:`mmalign.functional.damo_step` (all detached)."""
+    """Per-step metrics of :func:`mmalign.functional.damo_step` (detached, except ``losses``)."""
 
     keep: torch.Tensor  # (N,) bool, the kept set S
     alpha_m: torch.Tensor  # 0-dim, model-aware factor (1 when unused)
@@ -156,7 +156,7 @@ class DAMOMetrics(NamedTuple):
     rejected_rewards: torch.Tensor  # (N,) beta_i * logr_l
     margins: torch.Tensor  # (N,)
     accuracies: torch.Tensor  # (N,) bool
-    losses: torch.Tensor  # (N,) per-pair losses l(beta_i, u_i) (all pairs, kept or not)
+    losses: torch.Tensor  # (N,) per-pair losses l(beta_i, u_i) (all pairs, kept or not), differentiable
 
 
 class DAMOStep(NamedTuple):
@@ -251,7 +251,7 @@ def damo_step_reference(pc, pr, rc, rr, beta, running_mean, cfg: DAMOConfig, *, 
         loss, losses = loss * nan, losses * nan
         keep = torch.zeros_like(keep)
         g_new = g
-    metrics = DAMOMetrics(keep, a_m.detach(), beta_i, r_w, r_l, r_w - r_l, r_w > r_l, losses.detach())
+    metrics = DAMOMetrics(keep, a_m.detach(), beta_i, r_w, r_l, r_w - r_l, r_w > r_l, losses)
     return DAMOStep(loss, g_new.detach().to(running_mean.dtype), metrics)
 
 
