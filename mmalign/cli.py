@@ -21,6 +21,76 @@ def _demo(args) -> int:
     return 0
 
 
+def _columns(text: str | None) -> dict | None:
+    if not text:
+        return None
+    try:
+        return dict(item.split("=", 1) for item in text.split(","))
+    except ValueError:
+        raise SystemExit(f"--columns: expected name=column[,name=column...], got {text!r}") from None
+
+
+def _hardness(args) -> int:
+    from . import hardness
+    from .data import RecordError
+    from .jobs import JobError
+
+    cfg = hardness.HardnessConfig(
+        images=args.images, clip_model=args.clip_model,
+        clip_pretrained=None if args.clip_pretrained.lower() in ("none", "random") else args.clip_pretrained,
+        splitter=args.splitter, llm_model=args.llm_model,
+        llm_batch_size=args.llm_batch_size, llm_max_new_tokens=args.llm_max_new_tokens, layout=args.layout, columns=_columns(args.columns),
+        split=args.split, batch_size=args.batch_size, text_batch_size=args.text_batch_size, delta=args.delta,
+        delta_mean=args.delta_mean, device=args.device, amp=not args.no_amp, seed=args.seed, strict=args.strict,
+        shard=args.shard, overwrite=args.overwrite, keep_work=args.keep_work, progress=not args.no_progress)
+    try:
+        summary = hardness.run(args.input, args.out, cfg)
+    except (JobError, RecordError, ValueError, OSError, RuntimeError, ImportError) as e:
+        print(f"mmalign hardness: {e}", file=sys.stderr)
+        return 2
+    if summary is not None:
+        print(summary.format())
+    return 0
+
+
+def _add_hardness(sub) -> None:
+    from .hardness.clip import DEFAULT_MODEL, DEFAULT_PRETRAINED
+
+    h = sub.add_parser("hardness", help="DAMO data hardness: sub-sentences, CLIP scores, delta and alpha_d per pair",
+                       description="Resumable: rerun the same command after a kill. Sharded: run under torchrun, "
+                                   "or start --shard 0/N ... N-1/N; the last shard to finish writes OUT.")
+    h.add_argument("input", help=".jsonl, .json, .parquet, a parquet directory or a saved Hugging Face dataset")
+    h.add_argument("--out", required=True, help="output .jsonl or .parquet (written atomically at the end)")
+    h.add_argument("--images", help="root directory of relative image paths")
+    h.add_argument("--clip-model", default=DEFAULT_MODEL,
+                   help=f"open_clip model name, model config .json, Hugging Face CLIP directory or hf:NAME "
+                        f"(default {DEFAULT_MODEL}, LLaVA-1.5's vision tower)")
+    h.add_argument("--clip-pretrained", default=DEFAULT_PRETRAINED,
+                   help="open_clip weights: a tag, a local checkpoint, or 'none' for random weights (tests)")
+    h.add_argument("--splitter", choices=("rules", "llm"), default="rules")
+    h.add_argument("--llm-model", help="local causal LM directory for --splitter llm")
+    h.add_argument("--llm-batch-size", type=int, default=8)
+    h.add_argument("--llm-max-new-tokens", type=int, default=256)
+    h.add_argument("--layout", default="auto", choices=("auto", "canonical", "rlaif-v", "povid", "vlfeedback"))
+    h.add_argument("--columns", help="map canonical names to columns: prompt=question,chosen=answer_good,...")
+    h.add_argument("--split", help="split of a saved DatasetDict (default train)")
+    h.add_argument("--batch-size", type=int, default=32, help="pairs per batch and per durable write")
+    h.add_argument("--text-batch-size", type=int, default=256)
+    h.add_argument("--delta", choices=("probs", "scores"), default="probs",
+                   help="probs: Eq. 5-6 (default); scores: Table 2's CLIP-score ablation")
+    h.add_argument("--delta-mean", type=float, help="fixed delta-bar (default: the dataset mean; the released "
+                                                     "DAMO code uses 0.0482190464911681 for RLAIF-V)")
+    h.add_argument("--device", help="default: cuda:LOCAL_RANK when available, else cpu")
+    h.add_argument("--no-amp", action="store_true", help="run CLIP in float32 on CUDA")
+    h.add_argument("--seed", type=int, default=0, help="random CLIP initialisation (--clip-pretrained none)")
+    h.add_argument("--strict", action="store_true", help="stop at the first bad record")
+    h.add_argument("--shard", help="I/N: this process does records i with i %% N == I (default: torchrun's rank)")
+    h.add_argument("--overwrite", action="store_true", help="redo a finished job")
+    h.add_argument("--keep-work", action="store_true", help="keep OUT.work/ after the merge")
+    h.add_argument("--no-progress", action="store_true")
+    h.set_defaults(fn=_hardness)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mmalign", description="Fused kernels for aligning multimodal LLMs (DAMO, BDHS).")
     sub = p.add_subparsers(dest="command", required=True)
@@ -31,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     d.add_argument("--seed", type=int, default=0)
     d.set_defaults(fn=_demo)
+    _add_hardness(sub)
     return p
 
 
