@@ -45,6 +45,7 @@ class OpSupport:
     cpp: str | None
     cuda: str | None
     dtypes: tuple = FLOATS
+    triton_dtypes: tuple = FLOATS
 
 
 # The table. fused_linear_sequence_logps runs its per-chunk log-prob kernel through the same backends;
@@ -55,6 +56,9 @@ TABLE: dict[str, OpSupport] = {
                                              cuda="mmalign::token_logps_fwd"),
     "preference_loss": OpSupport(triton=True, cpp="mmalign::damo_step_fwd", cuda=None),
     "damo_step": OpSupport(triton=True, cpp="mmalign::damo_step_fwd", cuda=None),
+    # tl.dot has no float64: float64 (the tests' exactness checks) runs the SDPA reference.
+    "masked_attention": OpSupport(triton=True, cpp=None, cuda=None,
+                                  triton_dtypes=(torch.float32, torch.float16, torch.bfloat16)),
 }
 
 
@@ -81,6 +85,8 @@ def not_supported_reasons(op: str, backend: str, device, dtype: torch.dtype) -> 
     if backend == "triton":
         if not sup.triton:
             reasons.append(f"{op} has no Triton implementation")
+        elif dtype not in sup.triton_dtypes:
+            reasons.append(f"dtype {dtype}: the Triton kernel takes {[str(d) for d in sup.triton_dtypes]}")
         if not _triton.HAS_TRITON:
             reasons.append(_triton.IMPORT_ERROR)
         if _triton.interpreting():

@@ -1,0 +1,270 @@
+"""Causal attention with a per-sample key mask (SPEC.md §7: BDHS hides image tokens from attention).
+
+    out[b, h, i] = Σ_j softmax_j(q_i·k_j · scale  over visible j) · v_j
+
+Query i (of Tq) sits at position ``i + Tk - Tq`` of the keys (bottom-right alignment: prefill has
+Tq = Tk, decode has the last Tq positions). Key j is visible to query i iff
+``j <= i + Tk - Tq`` (when causal) and ``key_keep[b, j]``, or, with ``query_scope``, iff
+``key_keep[b, j] or not query_scope[b, i]``: only scoped queries (text tokens, in the "text-only"
+variant) lose the hidden keys. Padding is expressed the same way (padded keys not kept). A query row
+with no visible key gets 0 (it cannot happen in causal LM use: the first token always sees itself).
+
+Shapes: q (B, Hq, Tq, D), k and v (B, Hkv, Tk, D) with Hq a multiple of Hkv (GQA/MQA); key_keep
+(B, Tk) bool; query_scope (B, Tq) bool. D up to 256 (64, 80, 96, 128 are the LLM sizes).
+
+The Triton kernel (FlashAttention-2 style, online softmax in fp32) visits only kept keys: for query
+blocks whose queries are all scoped (always, without ``query_scope``) it walks a per-sample list of
+kept key indices, so the cost falls with the share of hidden keys, down to the cost of attention
+over the compacted sequence; other query blocks walk all keys with the mask. Decode (few query rows,
+long caches) splits the keys over ``num_splits`` programs and merges their partial softmaxes.
+Forward only: the reference backend (SDPA with the equivalent boolean mask) has autograd.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .._triton import tl, triton
+
+LOG2E = 1.4426950408889634
+
+
+# ------------------------------------------------------------------------------------------ reference
+def visibility_mask(tq: int, tk: int, key_keep=None, query_scope=None, causal: bool = True, device=None):
+    """The boolean (B or 1, 1, Tq, Tk) mask of the module docstring (True = visible)."""
+    i = torch.arange(tq, device=device)[:, None] + (tk - tq)
+    j = torch.arange(tk, device=device)[None, :]
+    mask = (j <= i) if causal else torch.ones(tq, tk, dtype=torch.bool, device=device)
+    mask = mask[None, None]
+    if key_keep is not None:
+        keep = key_keep[:, None, None, :]
+        if query_scope is not None:
+            keep = keep | ~query_scope[:, None, :, None]
+        mask = mask & keep
+    return mask
+
+
+def masked_attention_reference(q, k, v, key_keep=None, *, query_scope=None, causal=True, scale=None):
+    """SDPA with the equivalent boolean mask; rows with no visible key give 0. Differentiable."""
+    B, Hq, Tq, D = q.shape
+    Tk, group = k.shape[2], Hq // k.shape[1]
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    mask = visibility_mask(Tq, Tk, key_keep, query_scope, causal, q.device).expand(B, 1, Tq, Tk)
+    any_visible = mask.any(-1, keepdim=True)
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask | ~any_visible,
+                                                           scale=scale)
+    return out.masked_fill(~any_visible, 0.0)
+
+
+# ------------------------------------------------------------------------------------------- triton
+@triton.jit
+def _attend(acc, m_i, l_i, q, K, V, cols, valid, offs_m, offs_d, diag, D, stride_kt, stride_vt,
+            CAUSAL: tl.constexpr, EXTRA_MASK: tl.constexpr, extra, DOT_PRECISION: tl.constexpr):
+    """One tile of keys ``cols`` (gathered or contiguous): the online-softmax update (log2 domain)."""
+    kv_mask = valid[:, None] & (offs_d[None, :] < D)
+    k = tl.load(K + cols[:, None] * stride_kt + offs_d[None, :], mask=kv_mask, other=0.0)
+    s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION)
+    vis = valid[None, :]
+    if CAUSAL:
+        vis = vis & (cols[None, :] <= offs_m[:, None] + diag)
+    if EXTRA_MASK:
+        vis = vis & extra
+    s = tl.where(vis, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2(s - m_safe[:, None])
+    alpha = tl.math.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = tl.load(V + cols[:, None] * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0)
+    acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=DOT_PRECISION)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _masked_attn_fwd_kernel(
+        Q, K, V, KEEP, SCOPE, IDX, COUNT, O, LSE,
+        stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
+        stride_ob, stride_oh, stride_ot, stride_os,
+        Hq, group, Tq, Tk, D, qk_scale, keys_per_split,
+        CAUSAL: tl.constexpr, HAS_KEEP: tl.constexpr, HAS_SCOPE: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    split = tl.program_id(2)
+    b, h = bh // Hq, bh % Hq
+    hk = h // group
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_m < Tq
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :],
+                mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+    q = (q.to(tl.float32) * qk_scale).to(Q.dtype.element_ty)  # qk_scale = scale * log2(e)
+    K += b * stride_kb + hk * stride_kh
+    V += b * stride_vb + hk * stride_vh
+    diag = Tk - Tq
+    lo = split * keys_per_split
+    hi = tl.minimum(Tk, lo + keys_per_split)
+    if CAUSAL:
+        last_row = tl.minimum(Tq - 1, pid_m * BLOCK_M + BLOCK_M - 1)
+        hi = tl.minimum(hi, last_row + diag + 1)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    scoped = row_ok
+    if HAS_KEEP:
+        use_index = 1
+        if HAS_SCOPE:
+            scoped = tl.load(SCOPE + b * Tq + offs_m, mask=row_ok, other=1) != 0
+            use_index = tl.min(scoped.to(tl.int32), 0)  # every query of the block is scoped
+        if use_index == 1:
+            # walk only the kept keys: IDX[b] lists them in order, COUNT[b, p] = how many lie before p
+            c_lo = tl.load(COUNT + b * (Tk + 1) + lo)
+            c_hi = tl.load(COUNT + b * (Tk + 1) + tl.maximum(hi, lo))
+            for n0 in range(c_lo, c_hi, BLOCK_N):
+                j = n0 + offs_n
+                valid = j < c_hi
+                cols = tl.load(IDX + b * Tk + j, mask=valid, other=0)
+                acc, m_i, l_i = _attend(acc, m_i, l_i, q, K, V, cols, valid, offs_m, offs_d, diag, D,
+                                        stride_kt, stride_vt, CAUSAL, False, valid[None, :], DOT_PRECISION)
+        else:
+            for n0 in range(lo, hi, BLOCK_N):
+                cols = n0 + offs_n
+                valid = cols < hi
+                keep = tl.load(KEEP + b * Tk + cols, mask=valid, other=0) != 0
+                extra = keep[None, :] | (scoped[:, None] == 0)
+                acc, m_i, l_i = _attend(acc, m_i, l_i, q, K, V, cols, valid, offs_m, offs_d, diag, D,
+                                        stride_kt, stride_vt, CAUSAL, True, extra, DOT_PRECISION)
+    else:
+        for n0 in range(lo, hi, BLOCK_N):
+            cols = n0 + offs_n
+            valid = cols < hi
+            acc, m_i, l_i = _attend(acc, m_i, l_i, q, K, V, cols, valid, offs_m, offs_d, diag, D,
+                                    stride_kt, stride_vt, CAUSAL, False, valid[None, :], DOT_PRECISION)
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    o_ptr = O + split * stride_os + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :]
+    tl.store(o_ptr, out.to(O.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < D))
+    # log2-domain log-sum-exp of the split (-inf where it saw no key): merges the splits
+    lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.math.log2(l_safe))
+    tl.store(LSE + (split * tl.num_programs(1) + bh) * Tq + offs_m, lse, mask=row_ok)
+
+
+# ------------------------------------------------------------------------------------------ launcher
+def _blocks(tq: int, d: int) -> tuple[int, int, int]:
+    block_d = max(16, triton.next_power_of_2(d))
+    block_m = 16 if tq <= 16 else 64
+    block_n = 64 if block_d <= 128 else 32
+    return block_m, block_n, block_d
+
+
+def kept_key_index(key_keep: torch.Tensor):
+    """(IDX, COUNT) for the kernel: IDX[b] = kept key positions in order (then the rest), COUNT[b, p] =
+    number of kept keys before position p. Built with device ops only (no host synchronization)."""
+    keep = key_keep.to(torch.int32)
+    idx = torch.argsort(1 - keep, dim=1, stable=True).to(torch.int32)
+    count = torch.nn.functional.pad(torch.cumsum(keep, dim=1, dtype=torch.int32), (1, 0))
+    return idx.contiguous(), count.contiguous()
+
+
+def default_splits(B: int, Hq: int, Tq: int, Tk: int, block_m: int, device) -> int:
+    """Split the keys when too few (query block, head) programs would fill the GPU (decode)."""
+    programs = B * Hq * triton.cdiv(Tq, block_m)
+    if device.type != "cuda" or programs >= 256 or Tk < 1024:
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(triton.cdiv(2 * sms, programs), Tk // 512, 64))
+
+
+def masked_attention_triton(q, k, v, key_keep=None, *, query_scope=None, causal=True, scale=None, num_splits=None):
+    B, Hq, Tq, D = q.shape
+    Hkv, Tk = k.shape[1], k.shape[2]
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    block_m, block_n, block_d = _blocks(Tq, D)
+    splits = num_splits or default_splits(B, Hq, Tq, Tk, block_m, q.device)
+    per_split = triton.cdiv(Tk, splits)
+    per_split = triton.cdiv(per_split, block_n) * block_n
+    splits = triton.cdiv(Tk, per_split) if Tk else 1
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    dummy = torch.empty(1, dtype=torch.int32, device=q.device)
+    keep = key_keep.to(torch.int8).contiguous() if key_keep is not None else dummy
+    idx, count = kept_key_index(key_keep) if key_keep is not None else (dummy, dummy)
+    scope = query_scope.to(torch.int8).contiguous() if query_scope is not None else dummy
+    out = torch.empty((splits, B, Hq, Tq, D), dtype=q.dtype if splits == 1 else torch.float32, device=q.device)
+    lse = torch.empty((splits, B * Hq, Tq), dtype=torch.float32, device=q.device)
+    grid = (triton.cdiv(Tq, block_m), B * Hq, splits)
+    _masked_attn_fwd_kernel[grid](
+        q, k, v, keep, scope, idx, count, out, lse,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), out.stride(1), out.stride(2), out.stride(3), out.stride(0),
+        Hq, Hq // Hkv, Tq, Tk, D, scale * LOG2E, per_split,
+        CAUSAL=causal, HAS_KEEP=key_keep is not None, HAS_SCOPE=query_scope is not None,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=4, num_stages=2)
+    if splits == 1:
+        return out[0]
+    return merge_splits(out, lse.view(splits, B, Hq, Tq)).to(q.dtype)
+
+
+def merge_splits(out: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+    """Combine per-split normalized outputs (S, B, H, Tq, D) with their log2 log-sum-exps (S, B, H, Tq)."""
+    top = lse.max(0).values
+    top = torch.where(torch.isinf(top), torch.zeros_like(top), top)
+    w = torch.exp2(lse - top)  # 0 for splits that saw no key
+    total = w.sum(0)
+    return (w.unsqueeze(-1) * out).sum(0) / torch.where(total == 0, 1.0, total).unsqueeze(-1)
+
+
+# ------------------------------------------------------------------------------------------- public
+def _check(q, k, v, key_keep, query_scope):
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            raise ValueError(f"{name}: expected a 4-D tensor (B, H, T, D), got "
+                             f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+        if t.device != q.device or t.dtype != q.dtype:
+            raise ValueError(f"{name}: expected {q.dtype} on {q.device} like q, got {t.dtype} on {t.device}")
+    B, Hq, Tq, D = q.shape
+    if k.shape != v.shape:
+        raise ValueError(f"k, v: expected equal shapes, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if k.shape[0] != B or k.shape[3] != D:
+        raise ValueError(f"k: expected (B, Hkv, Tk, D) = ({B}, Hkv, Tk, {D}), got {tuple(k.shape)}")
+    if k.shape[1] == 0 or Hq % k.shape[1]:
+        raise ValueError(f"k: its {k.shape[1]} heads must divide q's {Hq} heads (GQA/MQA)")
+    if D > 256:
+        raise ValueError(f"q: head dim {D} > 256 is not supported")
+    Tk = k.shape[2]
+    for name, t, shape in (("key_keep", key_keep, (B, Tk)), ("query_scope", query_scope, (B, Tq))):
+        if t is None:
+            continue
+        if t.dtype != torch.bool or tuple(t.shape) != shape:
+            raise ValueError(f"{name}: expected a bool tensor of shape {shape}, got {t.dtype} {tuple(t.shape)}")
+        if t.device != q.device:
+            raise ValueError(f"{name}: expected device {q.device}, got {t.device}")
+    if query_scope is not None and key_keep is None:
+        raise ValueError("query_scope: only meaningful with key_keep (which keys the scoped queries lose)")
+
+
+def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, key_keep: torch.Tensor | None = None,
+                     query_scope: torch.Tensor | None = None, causal: bool = True, scale: float | None = None,
+                     num_splits: int | None = None, backend: str | None = None) -> torch.Tensor:
+    """Causal attention where ``key_keep[b, j] = False`` hides key j of sample b (see the module
+    docstring for shapes and the exact rule). Returns (B, Hq, Tq, D) in q's dtype.
+
+    Backends: ``triton`` (CUDA; CPU tensors under ``TRITON_INTERPRET=1``; fp32/fp16/bf16, forward
+    only) and ``reference`` (SDPA with a boolean mask; any float dtype, differentiable). When a gradient
+    is needed the automatic choice is the reference. ``num_splits`` forces the split-KV decode path."""
+    from .. import _dispatch
+
+    _check(q, k, v, key_keep, query_scope)
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    if backend is None and needs_grad:
+        backend = "reference"
+    name = _dispatch.select("masked_attention", q.device, q.dtype, backend)
+    if name == "reference":
+        return masked_attention_reference(q, k, v, key_keep, query_scope=query_scope, causal=causal, scale=scale)
+    if needs_grad:
+        raise _dispatch.BackendUnavailable("masked_attention: the triton backend has no backward; "
+                                           "use backend='reference' for gradients")
+    return masked_attention_triton(q, k, v, key_keep, query_scope=query_scope, causal=causal, scale=scale,
+                                   num_splits=num_splits)
