@@ -1,0 +1,54 @@
+"""What the BDHS engine needs from a Hugging Face model, for causal LMs and ``*ForConditionalGeneration``
+VLMs alike: the decoder stack, the LM head, the image-token id, and the input embeddings with the
+image features already merged in (taken from the model's own forward, so any VLM whose decoder is a
+submodule receiving ``inputs_embeds`` works: LLaVA-1.5, LLaVA-1.6 AnyRes, ...)."""
+from __future__ import annotations
+
+import torch
+
+
+class _Captured(Exception):
+    pass
+
+
+def decoder_and_head(model) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """(decoder returning ``last_hidden_state``, lm_head)."""
+    head = getattr(model, "lm_head", None)
+    inner = getattr(model, "model", None)
+    decoder = getattr(inner, "language_model", None) or inner
+    if head is None and hasattr(model, "language_model"):  # transformers < 4.52 LLaVA layout
+        decoder, head = model.language_model.model, model.language_model.lm_head
+    if decoder is None or head is None:
+        raise ValueError(f"{type(model).__name__}: cannot find its decoder and lm_head")
+    return decoder, head
+
+
+def image_token_id(model) -> int | None:
+    for name in ("image_token_id", "image_token_index"):
+        value = getattr(model.config, name, None)
+        if value is not None:
+            return int(value)
+    return None
+
+
+def merged_embeddings(model, input_ids: torch.Tensor, image_inputs: dict | None = None) -> torch.Tensor:
+    """(B, T, H) embeddings of ``input_ids`` with the image features in place of the image tokens."""
+    decoder, _ = decoder_and_head(model)
+    if not image_inputs:
+        return decoder.get_input_embeddings()(input_ids)
+    seen = {}
+
+    def grab(module, args, kwargs):
+        seen["embeds"] = kwargs.get("inputs_embeds")
+        raise _Captured
+
+    hook = decoder.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        model(input_ids=input_ids, **image_inputs, use_cache=False)
+    except _Captured:
+        pass
+    finally:
+        hook.remove()
+    if seen.get("embeds") is None:
+        raise ValueError(f"{type(model).__name__}: its decoder was not called with inputs_embeds")
+    return seen["embeds"]

@@ -1,0 +1,154 @@
+"""The BDHS engine on a tiny random LLaVA: the shared-prefix batched decoding gives exactly the tokens of
+generating every sentence alone with its full prefix through Hugging Face generate() and the masked
+attention (so compaction == masked kernel too), in every mode; determinism whatever the batch; the
+similarity gate and tries; the POVID baseline."""
+import pytest
+import torch
+
+from mmalign.attention import hf
+from mmalign.bdhs import BDHSConfig, BDHSEngine, PairInput
+
+from . import _models as M
+
+CHOSEN = ["The image shows a red circle . Yes , the background is white and it is centered .",
+          "No , there are two green squares on the left . The background is white .",
+          "This picture has a blue triangle ."]
+
+
+@pytest.fixture(scope="module")
+def setup():
+    hf.register()
+    tok = M.tokenizer()
+    model = M.llava(tok, torch.float64)
+    masked = M.llava(tok, torch.float64, attn="mmalign_masked")
+    masked.load_state_dict(model.state_dict())
+    pairs = [PairInput(f"pair-{i}", M.prompt_ids(tok, "Describe the image ."), c,
+                       {"pixel_values": M.pixels(col, shape)})
+             for i, (c, col, shape) in enumerate(zip(CHOSEN, ("red", "green", "blue"), ("circle", "square", "triangle")))]
+    return tok, model, masked, pairs
+
+
+def _sim(value):
+    return lambda a, b: torch.full((len(a),), float(value))
+
+
+def _alone(engine, masked, pair, try_index):
+    """Every sentence generated on its own, full prefix, no compaction: masked attention + HF generate."""
+    d = engine.draw(pair, try_index)
+    out = []
+    for k, (start, head_end) in enumerate(d.spans):
+        if d.plan.swapped[k]:
+            prefix = d.ids[0, :d.prompt_len + start].tolist() + engine._ids(d.plan.heads[k])
+        else:
+            prefix = d.ids[0, :d.prompt_len + head_end].tolist()
+        keep = torch.ones(1, len(prefix), dtype=torch.bool)
+        keep[:, :min(len(prefix), d.keep.shape[1])] = d.keep[:, :len(prefix)]
+        with hf.hidden_keys(keep):
+            gen = masked.generate(input_ids=torch.tensor([prefix]), **d.image_inputs, do_sample=False,
+                                  max_new_tokens=engine.config.max_new_tokens,
+                                  eos_token_id=engine.tokenizer.eos_token_id, pad_token_id=engine.tokenizer.pad_token_id)
+        out.append(gen[0, len(prefix):].tolist())
+    return d, out
+
+
+@pytest.mark.parametrize("mode", ["attn", "both", "none"])
+def test_shared_prefix_batch_equals_each_sentence_alone(setup, mode):
+    tok, model, masked, pairs = setup
+    engine = BDHSEngine(model, tok, _sim(0.0), BDHSConfig(mode=mode, rho_th=0.6, max_new_tokens=6, swap_p=0.5,
+                                                          seed=3))
+    rows = engine.complete_rows(pairs, try_index=1)
+    swapped = 0
+    for j, pair in enumerate(pairs):
+        d, alone = _alone(engine, masked, pair, 1)
+        mine = [r for r in rows if r.pair == j]
+        assert len(mine) == len(alone) == len(d.plan.sentences)
+        for r, ref in zip(mine, alone):
+            assert r.generated == ref[:len(r.generated)]
+            assert len(r.generated) == engine.config.max_new_tokens or engine._stops(r.generated[-1], r)
+        if mode != "none":
+            assert not d.keep.all()
+        swapped += sum(d.plan.swapped)
+    if mode == "attn":
+        assert swapped >= 1  # the yes/no rows (fed their swapped head first) are covered
+
+
+def test_forced_swapped_heads_match_alone(setup):
+    tok, model, masked, pairs = setup
+    engine = BDHSEngine(model, tok, _sim(0.0), BDHSConfig(mode="attn", rho_th=0.6, max_new_tokens=5, swap_p=1.0))
+    rows = engine.complete_rows(pairs[:2], try_index=2)
+    for j in range(2):
+        d, alone = _alone(engine, masked, pairs[j], 2)
+        assert any(d.plan.swapped)
+        for r, ref in zip([r for r in rows if r.pair == j], alone):
+            assert r.generated == ref[:len(r.generated)]
+
+
+def test_kernel_path_in_fp32_gives_the_same_generations(setup):
+    tok, _, _, pairs = setup
+    model, masked = M.llava(tok, torch.float32), M.llava(tok, torch.float32, attn="mmalign_masked")
+    masked.load_state_dict(model.state_dict())
+    pairs32 = [PairInput(p.id, p.prompt_ids, p.chosen, {"pixel_values": p.image_inputs["pixel_values"].float()})
+               for p in pairs[:2]]
+    engine = BDHSEngine(model, tok, _sim(0.0), BDHSConfig(mode="attn", rho_th=0.6, max_new_tokens=4, seed=1))
+    rows = engine.complete_rows(pairs32, try_index=1)
+    for j, pair in enumerate(pairs32):
+        _, alone = _alone(engine, masked, pair, 1)  # masked attention runs the Triton kernel (interpreter on CPU)
+        for r, ref in zip([r for r in rows if r.pair == j], alone):
+            assert r.generated == ref[:len(r.generated)]
+
+
+@pytest.mark.parametrize("sample", [False, True])
+def test_deterministic_whatever_the_batch(setup, sample):
+    tok, model, _, pairs = setup
+    cfg = BDHSConfig(mode="both", rho_th=0.7, max_new_tokens=5, do_sample=sample, temperature=1.5, top_p=0.9,
+                     seed=11, tries=2)
+    together = BDHSEngine(model, tok, _sim(0.0), cfg).generate(pairs)
+    apart = [BDHSEngine(model, tok, _sim(0.0), cfg).generate([p])[0] for p in reversed(pairs)][::-1]
+    assert [r.rejected for r in together] == [r.rejected for r in apart]
+    other = BDHSEngine(model, tok, _sim(0.0), BDHSConfig(**{**cfg.__dict__, "seed": 12})).generate(pairs)
+    assert [r.rejected for r in other] != [r.rejected for r in together]
+
+
+def test_similarity_gate_and_tries(setup):
+    tok, model, _, pairs = setup
+    calls = []
+
+    def sim(a, b):  # too similar on the first two tries, then different
+        calls.append(len(a))
+        return torch.full((len(a),), 0.99 if len(calls) <= 2 else 0.5)
+
+    res = BDHSEngine(model, tok, sim, BDHSConfig(max_new_tokens=3, tries=5)).generate(pairs)
+    assert calls == [3, 3, 3] and all(r.tries == 3 and r.accepted and r.guided for r in res)
+    res = BDHSEngine(model, tok, _sim(0.99), BDHSConfig(max_new_tokens=3, tries=3,
+                                                       max_response_tokens=4)).generate(pairs)
+    assert all(r.tries == 3 and r.accepted and not r.guided for r in res)  # the last try is unguided
+    assert all(len(tok(r.rejected, add_special_tokens=False)["input_ids"]) <= 4 for r in res)
+    res = BDHSEngine(model, tok, _sim(0.99), BDHSConfig(max_new_tokens=3, tries=1)).generate(pairs[:1])
+    assert res[0].tries == 1 and not res[0].accepted and res[0].guided
+    with pytest.raises(ValueError, match="mode"):
+        BDHSConfig(mode="nope")
+    with pytest.raises(ValueError, match="tries"):
+        BDHSConfig(tries=0)
+
+
+def test_guided_text_keeps_heads_and_stops_at_full_stops(setup):
+    tok, model, _, pairs = setup
+    engine = BDHSEngine(model, tok, _sim(0.0), BDHSConfig(mode="attn", max_new_tokens=40, swap_p=0.0))
+    text = engine.complete(pairs[:1], 1)[0]
+    d = engine.draw(pairs[0], 1)
+    assert text.startswith(d.plan.heads[0])
+    assert text.count(".") <= len(d.plan.sentences)
+
+
+def test_povid_is_the_teacher_forced_argmax(setup):
+    tok, model, _, pairs = setup
+    engine = BDHSEngine(model, tok, _sim(0.0), BDHSConfig(mode="povid", tries=1))
+    got = engine.generate(pairs[:1])[0]
+    d = engine.draw(pairs[0], 1)  # same noisy pixels as the engine's try
+    response = engine._ids(pairs[0].chosen)
+    ids = torch.cat([pairs[0].prompt_ids, torch.tensor(response)])[None]
+    with torch.no_grad():
+        logits = model(input_ids=ids, **d.image_inputs).logits[0]
+    P = len(pairs[0].prompt_ids)
+    expected = logits[P - 1:P - 1 + len(response)].argmax(-1).tolist()
+    assert got.rejected == tok.decode(expected, skip_special_tokens=True)
