@@ -59,9 +59,7 @@ def _add_hardness(sub) -> None:
     h = sub.add_parser("hardness", help="DAMO data hardness: sub-sentences, CLIP scores, delta and alpha_d per pair",
                        description="Resumable: rerun the same command after a kill. Sharded: run under torchrun, "
                                    "or start --shard 0/N ... N-1/N; the last shard to finish writes OUT.")
-    h.add_argument("input", help=".jsonl, .json, .parquet, a parquet directory or a saved Hugging Face dataset")
-    h.add_argument("--out", required=True, help="output .jsonl or .parquet (written atomically at the end)")
-    h.add_argument("--images", help="root directory of relative image paths")
+    _add_job_io(h)
     h.add_argument("--clip-model", default=DEFAULT_MODEL,
                    help=f"open_clip model name, model config .json, Hugging Face CLIP directory or hf:NAME "
                         f"(default {DEFAULT_MODEL}, LLaVA-1.5's vision tower)")
@@ -71,24 +69,82 @@ def _add_hardness(sub) -> None:
     h.add_argument("--llm-model", help="local causal LM directory for --splitter llm")
     h.add_argument("--llm-batch-size", type=int, default=8)
     h.add_argument("--llm-max-new-tokens", type=int, default=256)
-    h.add_argument("--layout", default="auto", choices=("auto", "canonical", "rlaif-v", "povid", "vlfeedback"))
-    h.add_argument("--columns", help="map canonical names to columns: prompt=question,chosen=answer_good,...")
-    h.add_argument("--split", help="split of a saved DatasetDict (default train)")
     h.add_argument("--batch-size", type=int, default=32, help="pairs per batch and per durable write")
     h.add_argument("--text-batch-size", type=int, default=256)
     h.add_argument("--delta", choices=("probs", "scores"), default="probs",
                    help="probs: Eq. 5-6 (default); scores: Table 2's CLIP-score ablation")
     h.add_argument("--delta-mean", type=float, help="fixed delta-bar (default: the dataset mean; the released "
                                                      "DAMO code uses 0.0482190464911681 for RLAIF-V)")
-    h.add_argument("--device", help="default: cuda:LOCAL_RANK when available, else cpu")
     h.add_argument("--no-amp", action="store_true", help="run CLIP in float32 on CUDA")
     h.add_argument("--seed", type=int, default=0, help="random CLIP initialisation (--clip-pretrained none)")
-    h.add_argument("--strict", action="store_true", help="stop at the first bad record")
-    h.add_argument("--shard", help="I/N: this process does records i with i %% N == I (default: torchrun's rank)")
-    h.add_argument("--overwrite", action="store_true", help="redo a finished job")
-    h.add_argument("--keep-work", action="store_true", help="keep OUT.work/ after the merge")
-    h.add_argument("--no-progress", action="store_true")
     h.set_defaults(fn=_hardness)
+
+
+def _bdhs(args) -> int:
+    from .bdhs import BDHSConfig
+    from .bdhs import job
+    from .data import RecordError
+    from .jobs import JobError
+
+    try:
+        engine = BDHSConfig(mode=args.mode, rho_th=args.rho_th, noise_steps=args.noise_steps, tries=args.tries,
+                            similarity_threshold=args.similarity_threshold, max_new_tokens=args.max_new_tokens,
+                            max_response_tokens=args.max_response_tokens, do_sample=args.do_sample,
+                            temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+        cfg = job.BDHSJobConfig(
+            model=args.model, images=args.images, engine=engine, similarity_model=args.similarity_model,
+            prompt_template=args.prompt_template, batch_size=args.batch_size, layout=args.layout,
+            columns=_columns(args.columns), split=args.split, device=args.device, dtype=args.dtype, strict=args.strict,
+            shard=args.shard, overwrite=args.overwrite, keep_work=args.keep_work, progress=not args.no_progress)
+        summary = job.run(args.input, args.out, cfg)
+    except (JobError, RecordError, ValueError, OSError, RuntimeError, ImportError) as e:
+        print(f"mmalign bdhs: {e}", file=sys.stderr)
+        return 2
+    if summary is not None:
+        print(summary.format())
+    return 0
+
+
+def _add_job_io(p, layouts=("auto", "canonical", "rlaif-v", "povid", "vlfeedback")) -> None:
+    """The input/output/sharding flags every dataset job shares."""
+    p.add_argument("input", help=".jsonl, .json, .parquet, a parquet directory or a saved Hugging Face dataset")
+    p.add_argument("--out", required=True, help="output .jsonl or .parquet (written atomically at the end)")
+    p.add_argument("--images", help="root directory of relative image paths")
+    p.add_argument("--layout", default="auto", choices=layouts)
+    p.add_argument("--columns", help="map canonical names to columns: prompt=question,chosen=answer_good,...")
+    p.add_argument("--split", help="split of a saved DatasetDict (default train)")
+    p.add_argument("--device", help="default: cuda:LOCAL_RANK when available, else cpu")
+    p.add_argument("--strict", action="store_true", help="stop at the first bad record")
+    p.add_argument("--shard", help="I/N: this process does records i with i %% N == I (default: torchrun's rank)")
+    p.add_argument("--overwrite", action="store_true", help="redo a finished job")
+    p.add_argument("--keep-work", action="store_true", help="keep OUT.work/ after the merge")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def _add_bdhs(sub) -> None:
+    from .bdhs.engine import MODES
+
+    b = sub.add_parser("bdhs", help="BDHS: rejected responses generated by the model with image tokens hidden",
+                       description="Resumable and sharded like `mmalign hardness`.")
+    _add_job_io(b)
+    b.add_argument("--model", required=True, help="local Hugging Face VLM (LLaVA-1.5/1.6, ...) or causal LM directory")
+    b.add_argument("--mode", choices=MODES, default="attn", help="attn (mask, default), noise, both, none, povid")
+    b.add_argument("--rho-th", type=float, default=0.99, help="image tokens stay visible iff rho >= rho_th (Eq. 6)")
+    b.add_argument("--noise-steps", type=int, default=500)
+    b.add_argument("--tries", type=int, default=5, help="N_BDHS; with > 1 the last try is unguided")
+    b.add_argument("--similarity-threshold", type=float, default=0.97, help="accept when cosine < this (eps_s)")
+    b.add_argument("--similarity-model", default="sentence-transformers/all-mpnet-base-v2",
+                   help="sentence-transformers model name or local path")
+    b.add_argument("--prompt-template", help="with {prompt} (and <image>); default: the chat template, else LLaVA-1.5's")
+    b.add_argument("--batch-size", type=int, default=8, help="pairs per batch (all their sentences decode together)")
+    b.add_argument("--max-new-tokens", type=int, default=64, help="per guided sentence")
+    b.add_argument("--max-response-tokens", type=int, default=256, help="the unguided last try")
+    b.add_argument("--do-sample", action="store_true", help="sample (default: greedy)")
+    b.add_argument("--temperature", type=float, default=1.0)
+    b.add_argument("--top-p", type=float, default=1.0)
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16", "float64"))
+    b.set_defaults(fn=_bdhs)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -102,6 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=0)
     d.set_defaults(fn=_demo)
     _add_hardness(sub)
+    _add_bdhs(sub)
     return p
 
 

@@ -216,3 +216,139 @@ def batched(items: Iterable, size: int) -> Iterator[list]:
             batch = []
     if batch:
         yield batch
+
+
+# ------------------------------------------------------------------------------- the record loop
+@dataclass(frozen=True)
+class JobSpec:
+    """What :func:`run_records` needs to know about a job: where, which shard, its parameters, how to
+    read the input and how to process one batch of records into result dicts (each with ``index`` and
+    ``status`` "ok"/"failed")."""
+
+    name: str
+    input: str
+    out: Path
+    shard: Shard
+    params: dict
+    read: Callable[[], Iterable]
+    process: Callable[[list], list]
+    batch_size: int
+    overwrite: bool = False
+    progress: bool = True
+    postfix: Callable[[list], dict] | None = None   # extra progress-bar fields from all results so far
+
+
+def check_output(out: str | os.PathLike, overwrite: bool) -> Path:
+    out = Path(out)
+    if out.suffix.lower() not in (".jsonl", ".parquet"):
+        raise ValueError(f"out: expected a .jsonl or .parquet path, got {out}")
+    if out.exists() and not out.with_name(out.name + ".work").exists() and not overwrite:
+        raise JobError(f"{out} exists (a finished job): pass overwrite=True / --overwrite to redo it")
+    return out
+
+
+def run_records(spec: JobSpec) -> WorkDir | None:
+    """Process this shard's unfinished records batch by batch, appending results durably; then mark the
+    shard done. Returns the work directory when this process is the one to merge, else None."""
+    import sys
+
+    from tqdm.auto import tqdm
+
+    from .data import count_records
+
+    work = WorkDir(spec.out, spec.shard, spec.params)
+    done = work.load()
+    total = count_records(spec.input)
+    todo = None if total is None else len(range(spec.shard.index, total, spec.shard.count)) - len(done)
+    desc = spec.name + (f" {spec.shard.index}/{spec.shard.count}" if spec.shard.count > 1 else "")
+    bar = tqdm(total=todo, unit="pair", desc=desc, disable=not spec.progress, dynamic_ncols=True, file=sys.stderr)
+    seen: list = []
+    try:
+        for batch in batched(owned(spec.read(), spec.shard, done), spec.batch_size):
+            results = spec.process(batch)
+            work.append(results)
+            seen += results
+            bar.update(len(batch))
+            fields = {"failed": sum(r["status"] == "failed" for r in seen)}
+            fields.update(spec.postfix(seen) if spec.postfix else {})
+            bar.set_postfix(fields, refresh=False)
+    finally:
+        bar.close()
+    work.mark_done()
+    if work.take_merge():
+        return work
+    print(f"{spec.name}: shard {spec.shard.index}/{spec.shard.count} done; waiting for shards "
+          f"{work.pending_shards()} (the last one to finish writes the output)", file=sys.stderr)
+    return None
+
+
+def failure(index: int, line: int | None, rid, message: str) -> dict:
+    return {"index": index, "status": "failed", "id": rid, "line": line, "error": message}
+
+
+def join_results(records: Iterable, results: dict[int, dict], work: WorkDir):
+    """Pair every input record with its result, in input order: yields (record, result); checks that
+    every record has exactly one."""
+    count = 0
+    for rec in records:
+        count += 1
+        res = results.get(rec.index)
+        if res is None:
+            raise JobError(f"{work.dir}: no result for record {rec.index} (was the input changed during the job?)")
+        yield rec, res
+    if len(results) != count:
+        raise JobError(f"{work.dir}: {len(results)} results for {count} input records")
+
+
+def write_rows(out: Path, rows: list[dict]) -> None:
+    """The final output, atomically: JSONL, or parquet when ``out`` ends with .parquet."""
+    if out.suffix.lower() == ".parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        atomic_write_bytes(out, lambda tmp: pq.write_table(pa.Table.from_pylist(rows), tmp))
+    else:
+        atomic_write(out, lambda f: f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
+def write_failed(out: Path, failures: list[dict]) -> str | None:
+    """``OUT.failed.jsonl`` with index, id, line and reason of every skipped record (removed when none)."""
+    path = out.with_name(out.stem + ".failed.jsonl")
+    if failures:
+        atomic_write(path, lambda f: f.writelines(
+            json.dumps({k: x.get(k) for k in ("index", "id", "line", "error")}) + "\n" for x in failures))
+        return str(path)
+    if path.exists():
+        path.unlink()
+    return None
+
+
+def save_plot(path: Path, draw: Callable) -> str | None:
+    """Draw with ``draw(ax)`` on a fresh matplotlib figure and save it atomically as PNG; None (and a
+    note on stderr) when matplotlib is not installed."""
+    import sys
+
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"matplotlib is not installed: {path} not written (pip install matplotlib)", file=sys.stderr)
+        return None
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    draw(ax)
+    fig.tight_layout()
+    atomic_write_bytes(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+    plt.close(fig)
+    return str(path)
+
+
+def stop_if_strict(results: list[dict], strict: bool) -> None:
+    """With ``strict``, the first failed record of a batch stops the job (naming the record)."""
+    failed = [r for r in results if r["status"] == "failed"]
+    if strict and failed:
+        from .data import where
+
+        first = min(failed, key=lambda r: r["index"])
+        raise JobError(f"strict: {where(first['index'], first['line'], first['id'])}: {first['error']}")

@@ -10,7 +10,6 @@ import dataclasses
 import json
 import math
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -106,33 +105,27 @@ def _device(cfg: HardnessConfig) -> str:
     return "cpu"
 
 
-def _failure(index, line, rid, message) -> dict:
-    return {"index": index, "status": "failed", "id": rid, "line": line, "error": message}
-
-
 def _process(batch, scorer: ClipScorer, splitter, cfg: HardnessConfig) -> list[dict]:
     """Score one batch of records; bad records become failure results (or stop the job when strict)."""
     results, good, images = [], [], []
     for rec in batch:
         if isinstance(rec, data.RecordError):
-            results.append(_failure(rec.index, rec.line, rec.id, rec.message))
+            results.append(jobs.failure(rec.index, rec.line, rec.id, rec.message))
             continue
         try:
             images.append(data.open_image(rec.image, cfg.images))
             good.append(rec)
         except ValueError as e:
-            results.append(_failure(rec.index, rec.line, rec.id, str(e)))
+            results.append(jobs.failure(rec.index, rec.line, rec.id, str(e)))
     splits = splitter.split_many([r.chosen for r in good] + [r.rejected for r in good])
     pairs = []
     for i, rec in enumerate(good):
         sw, sl = splits[i], splits[len(good) + i]
         if not sw.pieces and not sl.pieces:
-            results.append(_failure(rec.index, rec.line, rec.id, "chosen and rejected have no sub-sentence (empty text)"))
+            results.append(jobs.failure(rec.index, rec.line, rec.id, "chosen and rejected have no sub-sentence (empty text)"))
         else:
             pairs.append((rec, images[i], sw, sl))
-    if cfg.strict and results:
-        first = min(results, key=lambda r: r["index"])
-        raise jobs.JobError(f"strict: {data.where(first['index'], first['line'], first['id'])}: {first['error']}")
+    jobs.stop_if_strict(results, cfg.strict)
     if pairs:
         texts, image_of_text, pair_of_text, chosen = [], [], [], []
         for j, (_, _, sw, sl) in enumerate(pairs):
@@ -178,13 +171,7 @@ def run(input: str | os.PathLike, out: str | os.PathLike, config: HardnessConfig
         overrides["splitter"], splitter = splitter, None
     cfg = dataclasses.replace(config or HardnessConfig(), **overrides)
     cfg.validate()
-    out = Path(out)
-    if out.suffix.lower() not in (".jsonl", ".parquet"):
-        raise ValueError(f"out: expected a .jsonl or .parquet path, got {out}")
-    work_dir = out.with_name(out.name + ".work")
-    if out.exists() and not work_dir.exists() and not cfg.overwrite:
-        raise jobs.JobError(f"{out} exists (a finished job): pass overwrite=True / --overwrite to redo it")
-    shard = jobs.Shard.parse(cfg.shard)
+    out = jobs.check_output(out, cfg.overwrite)
     device = _device(cfg)
     if scorer is None:
         scorer = load_scorer(cfg.clip_model, cfg.clip_pretrained, device=device, amp=cfg.amp,
@@ -193,39 +180,20 @@ def run(input: str | os.PathLike, out: str | os.PathLike, config: HardnessConfig
         splitter = (LLMSplitter.from_pretrained(cfg.llm_model, device=device, batch_size=cfg.llm_batch_size,
                                                 max_new_tokens=cfg.llm_max_new_tokens) if cfg.splitter == "llm"
                     else RulesSplitter())
-    splitter_desc = f"llm:{cfg.llm_model}:{cfg.llm_max_new_tokens}" if getattr(splitter, "name", "") == "llm" else getattr(splitter, "name", "custom")
-    work = jobs.WorkDir(out, shard, _params(input, cfg, scorer.description, splitter_desc))
-    done = work.load()
-    total = data.count_records(input)
-    todo = None if total is None else len(range(shard.index, total, shard.count)) - len(done)
+    splitter_desc = (f"llm:{cfg.llm_model}:{cfg.llm_max_new_tokens}" if getattr(splitter, "name", "") == "llm"
+                     else getattr(splitter, "name", "custom"))
     started = time.time()
-    records = jobs.owned(data.iter_records(input, layout=cfg.layout, columns=cfg.columns, split=cfg.split),
-                         shard, done)
-    bar = _progress(todo, cfg.progress, f"hardness {shard.index}/{shard.count}" if shard.count > 1 else "hardness")
-    failed = 0
-    try:
-        for batch in jobs.batched(records, cfg.batch_size):
-            results = _process(batch, scorer, splitter, cfg)
-            work.append(results)
-            failed += sum(r["status"] == "failed" for r in results)
-            bar.update(len(batch))
-            bar.set_postfix(failed=failed, refresh=False)
-    finally:
-        bar.close()
-    work.mark_done()
-    if not work.take_merge():
-        print(f"shard {shard.index}/{shard.count} done; waiting for shards {work.pending_shards()} "
-              "(the last one to finish writes the output)", file=sys.stderr)
+    work = jobs.run_records(jobs.JobSpec(
+        name="hardness", input=str(input), out=out, shard=jobs.Shard.parse(cfg.shard),
+        params=_params(input, cfg, scorer.description, splitter_desc),
+        read=lambda: data.iter_records(input, layout=cfg.layout, columns=cfg.columns, split=cfg.split),
+        process=lambda batch: _process(batch, scorer, splitter, cfg), batch_size=cfg.batch_size,
+        progress=cfg.progress))
+    if work is None:
         return None
     summary = merge(input, out, cfg, work)
     summary.extra["seconds_this_process"] = round(time.time() - started, 3)
     return summary
-
-
-def _progress(total, enabled: bool, desc: str):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, unit="pair", desc=desc, disable=not enabled, dynamic_ncols=True, file=sys.stderr)
 
 
 def merge(input, out: Path, cfg: HardnessConfig, work: jobs.WorkDir) -> Summary:
@@ -238,14 +206,11 @@ def merge(input, out: Path, cfg: HardnessConfig, work: jobs.WorkDir) -> Summary:
         raise jobs.JobError("no pair could be scored (see the failed records): cannot compute δ̄")
     finite = [d for d in deltas if math.isfinite(d)]
     delta_mean = cfg.delta_mean if cfg.delta_mean is not None else sum(finite) / max(len(finite), 1)
-    rows, failures, fallbacks, alphas, count = [], [], 0, [], 0
-    for rec in data.iter_records(input, layout=cfg.layout, columns=cfg.columns, split=cfg.split):
-        count += 1
-        res = results.get(rec.index)
-        if res is None:
-            raise jobs.JobError(f"{work.dir}: no result for {rec.index} (was the input changed during the job?)")
+    rows, failures, fallbacks, alphas = [], [], 0, []
+    records = data.iter_records(input, layout=cfg.layout, columns=cfg.columns, split=cfg.split)
+    for rec, res in jobs.join_results(records, results, work):
         if res["status"] != "ok":
-            failures.append({k: res[k] for k in ("index", "id", "line", "error")})
+            failures.append(res)
             continue
         a = alpha_d(res[key], delta_mean).item()
         alphas.append(a)
@@ -256,21 +221,15 @@ def merge(input, out: Path, cfg: HardnessConfig, work: jobs.WorkDir) -> Summary:
         if res["split_fallback"]:
             row["split_fallback"] = res["split_fallback"]
         rows.append(row)
-    if len(results) != count:
-        raise jobs.JobError(f"{work.dir}: {len(results)} results for {count} input records")
-    _write_rows(out, rows)
-    failed_file = out.with_name(out.stem + ".failed.jsonl")
-    if failures:
-        jobs.atomic_write(failed_file, lambda f: f.writelines(json.dumps(x) + "\n" for x in failures))
-    elif failed_file.exists():
-        failed_file.unlink()
+    jobs.write_rows(out, rows)
+    failed_file = jobs.write_failed(out, failures)
     values = torch.tensor(finite or [float("nan")], dtype=torch.float64)
     qs = torch.quantile(values, torch.tensor([0.0, 0.05, 0.25, 0.5, 0.75, 0.95, 1.0], dtype=torch.float64)).tolist()
     summary = Summary(
-        records=count, scored=len(rows), failed=len(failures), llm_fallbacks=fallbacks, delta_field=key,
+        records=len(results), scored=len(rows), failed=len(failures), llm_fallbacks=fallbacks, delta_field=key,
         delta_mean=delta_mean, delta_quantiles=dict(zip(("min", "p5", "p25", "p50", "p75", "p95", "max"), qs)),
         alpha_d_min=min(alphas, default=float("nan")), alpha_d_max=max(alphas, default=float("nan")),
-        output=str(out), failed_file=str(failed_file) if failures else None)
+        output=str(out), failed_file=failed_file)
     if cfg.histogram:
         summary.histogram = _histogram(finite, out.with_name(out.stem + ".delta.png"), key, delta_mean)
     jobs.atomic_write(out.with_name(out.stem + ".summary.json"),
@@ -280,33 +239,13 @@ def merge(input, out: Path, cfg: HardnessConfig, work: jobs.WorkDir) -> Summary:
     return summary
 
 
-def _write_rows(out: Path, rows: list[dict]) -> None:
-    if out.suffix.lower() == ".parquet":
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        jobs.atomic_write_bytes(out, lambda tmp: pq.write_table(pa.Table.from_pylist(rows), tmp))
-    else:
-        jobs.atomic_write(out, lambda f: f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-
-
 def _histogram(deltas: list[float], path: Path, key: str, delta_mean: float) -> str | None:
-    try:
-        import matplotlib
+    def draw(ax):
+        ax.hist(deltas, bins=min(50, max(5, len(deltas) // 4)), color="#4C72B0")
+        ax.axvline(delta_mean, color="#C44E52", linestyle="--", label=f"δ̄ = {delta_mean:.4g}")
+        ax.set_xlabel(key)
+        ax.set_ylabel("pairs")
+        ax.set_title(f"DAMO data hardness: {key} over {len(deltas)} pairs")
+        ax.legend()
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no histogram written (pip install matplotlib)", file=sys.stderr)
-        return None
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.hist(deltas, bins=min(50, max(5, len(deltas) // 4)), color="#4C72B0")
-    ax.axvline(delta_mean, color="#C44E52", linestyle="--", label=f"δ̄ = {delta_mean:.4g}")
-    ax.set_xlabel(key)
-    ax.set_ylabel("pairs")
-    ax.set_title(f"DAMO data hardness: {key} over {len(deltas)} pairs")
-    ax.legend()
-    fig.tight_layout()
-    jobs.atomic_write_bytes(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
-    plt.close(fig)
-    return str(path)
+    return jobs.save_plot(path, draw)

@@ -48,3 +48,26 @@ def pixels(colour: str, shape: str, dtype=torch.float64) -> torch.Tensor:
     img = Image.open(io.BytesIO(fx.shape_png(colour, shape, 32))).convert("RGB")
     x = torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).to(dtype) / 255
     return ((x - 0.5) / 0.25)[None]
+
+
+def save_llava(dir, tok, dtype=torch.float32) -> str:
+    """A tiny LLaVA with its processor (CLIP image processor + the word tokenizer) saved to ``dir``."""
+    from transformers import CLIPImageProcessor, LlavaProcessor
+
+    llava(tok, dtype).save_pretrained(dir)
+    LlavaProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+                   tokenizer=tok, patch_size=8, vision_feature_select_strategy="default",
+                   num_additional_image_tokens=1, image_token="<image>").save_pretrained(dir)
+    return str(dir)
+
+
+def save_sentence_model(dir) -> str:
+    """A tiny random sentence-transformers model (BERT from config + mean pooling) saved to ``dir``."""
+    from transformers import BertConfig, BertModel
+
+    tok = tokenizer()
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=64, max_position_embeddings=128)).save_pretrained(dir)
+    tok.save_pretrained(dir)
+    return str(dir)

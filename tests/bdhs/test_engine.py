@@ -7,6 +7,7 @@ import torch
 
 from mmalign.attention import hf
 from mmalign.bdhs import BDHSConfig, BDHSEngine, PairInput
+from mmalign.bdhs.baseline import sentence_by_sentence
 
 from . import _models as M
 
@@ -34,21 +35,7 @@ def _sim(value):
 
 def _alone(engine, masked, pair, try_index):
     """Every sentence generated on its own, full prefix, no compaction: masked attention + HF generate."""
-    d = engine.draw(pair, try_index)
-    out = []
-    for k, (start, head_end) in enumerate(d.spans):
-        if d.plan.swapped[k]:
-            prefix = d.ids[0, :d.prompt_len + start].tolist() + engine._ids(d.plan.heads[k])
-        else:
-            prefix = d.ids[0, :d.prompt_len + head_end].tolist()
-        keep = torch.ones(1, len(prefix), dtype=torch.bool)
-        keep[:, :min(len(prefix), d.keep.shape[1])] = d.keep[:, :len(prefix)]
-        with hf.hidden_keys(keep):
-            gen = masked.generate(input_ids=torch.tensor([prefix]), **d.image_inputs, do_sample=False,
-                                  max_new_tokens=engine.config.max_new_tokens,
-                                  eos_token_id=engine.tokenizer.eos_token_id, pad_token_id=engine.tokenizer.pad_token_id)
-        out.append(gen[0, len(prefix):].tolist())
-    return d, out
+    return engine.draw(pair, try_index), sentence_by_sentence(engine, masked, pair, try_index)
 
 
 @pytest.mark.parametrize("mode", ["attn", "both", "none"])
