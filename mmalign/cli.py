@@ -30,27 +30,43 @@ def _columns(text: str | None) -> dict | None:
         raise SystemExit(f"--columns: expected name=column[,name=column...], got {text!r}") from None
 
 
-def _hardness(args) -> int:
-    from . import hardness
+def _job_io(args) -> dict:
+    """The config fields every dataset job takes from the flags of :func:`_add_job_io`."""
+    return dict(images=args.images, layout=args.layout, columns=_columns(args.columns), split=args.split,
+                device=args.device, strict=args.strict, shard=args.shard, overwrite=args.overwrite,
+                keep_work=args.keep_work, progress=not args.no_progress)
+
+
+def _run_job(name: str, start) -> int:
+    """Run a dataset job; its known failures print one line and exit 2; a summary is printed by the
+    process that wrote the output."""
     from .data import RecordError
     from .jobs import JobError
 
-    cfg = hardness.HardnessConfig(
-        images=args.images, clip_model=args.clip_model,
-        clip_pretrained=None if args.clip_pretrained.lower() in ("none", "random") else args.clip_pretrained,
-        splitter=args.splitter, llm_model=args.llm_model,
-        llm_batch_size=args.llm_batch_size, llm_max_new_tokens=args.llm_max_new_tokens, layout=args.layout, columns=_columns(args.columns),
-        split=args.split, batch_size=args.batch_size, text_batch_size=args.text_batch_size, delta=args.delta,
-        delta_mean=args.delta_mean, device=args.device, amp=not args.no_amp, seed=args.seed, strict=args.strict,
-        shard=args.shard, overwrite=args.overwrite, keep_work=args.keep_work, progress=not args.no_progress)
     try:
-        summary = hardness.run(args.input, args.out, cfg)
+        summary = start()
     except (JobError, RecordError, ValueError, OSError, RuntimeError, ImportError) as e:
-        print(f"mmalign hardness: {e}", file=sys.stderr)
+        print(f"mmalign {name}: {e}", file=sys.stderr)
         return 2
     if summary is not None:
         print(summary.format())
     return 0
+
+
+def _hardness(args) -> int:
+    from . import hardness
+
+    def start():
+        cfg = hardness.HardnessConfig(
+            clip_model=args.clip_model,
+            clip_pretrained=None if args.clip_pretrained.lower() in ("none", "random") else args.clip_pretrained,
+            splitter=args.splitter, llm_model=args.llm_model, llm_batch_size=args.llm_batch_size,
+            llm_max_new_tokens=args.llm_max_new_tokens, batch_size=args.batch_size,
+            text_batch_size=args.text_batch_size, delta=args.delta, delta_mean=args.delta_mean, amp=not args.no_amp,
+            seed=args.seed, **_job_io(args))
+        return hardness.run(args.input, args.out, cfg)
+
+    return _run_job("hardness", start)
 
 
 def _add_hardness(sub) -> None:
@@ -81,28 +97,19 @@ def _add_hardness(sub) -> None:
 
 
 def _bdhs(args) -> int:
-    from .bdhs import BDHSConfig
-    from .bdhs import job
-    from .data import RecordError
-    from .jobs import JobError
+    from .bdhs import BDHSConfig, job
 
-    try:
+    def start():
         engine = BDHSConfig(mode=args.mode, rho_th=args.rho_th, noise_steps=args.noise_steps, tries=args.tries,
                             similarity_threshold=args.similarity_threshold, max_new_tokens=args.max_new_tokens,
                             max_response_tokens=args.max_response_tokens, do_sample=args.do_sample,
                             temperature=args.temperature, top_p=args.top_p, seed=args.seed)
-        cfg = job.BDHSJobConfig(
-            model=args.model, images=args.images, engine=engine, similarity_model=args.similarity_model,
-            prompt_template=args.prompt_template, batch_size=args.batch_size, layout=args.layout,
-            columns=_columns(args.columns), split=args.split, device=args.device, dtype=args.dtype, strict=args.strict,
-            shard=args.shard, overwrite=args.overwrite, keep_work=args.keep_work, progress=not args.no_progress)
-        summary = job.run(args.input, args.out, cfg)
-    except (JobError, RecordError, ValueError, OSError, RuntimeError, ImportError) as e:
-        print(f"mmalign bdhs: {e}", file=sys.stderr)
-        return 2
-    if summary is not None:
-        print(summary.format())
-    return 0
+        cfg = job.BDHSJobConfig(model=args.model, engine=engine, similarity_model=args.similarity_model,
+                                prompt_template=args.prompt_template, batch_size=args.batch_size, dtype=args.dtype,
+                                **_job_io(args))
+        return job.run(args.input, args.out, cfg)
+
+    return _run_job("bdhs", start)
 
 
 def _add_job_io(p, layouts=("auto", "canonical", "rlaif-v", "povid", "vlfeedback")) -> None:
