@@ -10,6 +10,17 @@ from ..attention import hf
 from .engine import BDHSEngine, PairInput
 
 
+class _StopAtFullStop:
+    """Stop a generate() row where the engine stops a sentence: at a token holding a full stop."""
+
+    def __init__(self, engine: BDHSEngine, start: int):
+        self.engine, self.start = engine, start
+
+    def __call__(self, input_ids, scores, **kwargs):
+        done = input_ids.shape[1] > self.start and self.engine.ends_sentence(int(input_ids[0, -1]))
+        return torch.tensor([done], device=input_ids.device)
+
+
 @torch.no_grad()
 def sentence_by_sentence(engine: BDHSEngine, masked_model, pair: PairInput, try_index: int) -> list[list[int]]:
     """Generated tokens of every sentence of one try (``masked_model``: the engine's model with
@@ -25,10 +36,13 @@ def sentence_by_sentence(engine: BDHSEngine, masked_model, pair: PairInput, try_
         n = min(len(prefix), d.keep.shape[1])
         keep[:, :n] = d.keep[:, :n]
         cfg = engine.config
+        from transformers import StoppingCriteriaList
+
         with hf.hidden_keys(keep):
             gen = masked_model.generate(
                 input_ids=torch.tensor([prefix], device=d.ids.device), **d.image_inputs,
                 do_sample=False, max_new_tokens=cfg.max_new_tokens, eos_token_id=sorted(engine.eos) or None,
-                pad_token_id=engine.tokenizer.pad_token_id)
+                pad_token_id=engine.tokenizer.pad_token_id,
+                stopping_criteria=StoppingCriteriaList([_StopAtFullStop(engine, len(prefix))]))
         out.append(gen[0, len(prefix):].tolist())
     return out

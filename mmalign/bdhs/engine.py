@@ -269,15 +269,20 @@ class BDHSEngine:
             probs[order[drop]] = 0
         return int(torch.multinomial(probs, 1, generator=row.generator))
 
+    def _period_ids(self) -> set:
+        if self._period is None:
+            vocab = self.tokenizer.convert_ids_to_tokens(list(range(len(self.tokenizer))))
+            self._period = {i for i, tok in enumerate(vocab) if tok and "." in tok}
+        return self._period
+
+    def ends_sentence(self, token: int) -> bool:
+        """EOS, or a token holding a full stop: where a guided completion stops."""
+        return token in self.eos or token in self._period_ids()
+
     def _stops(self, token: int, row: _Row) -> bool:
         if token in self.eos or len(row.generated) >= row.max_new:
             return True
-        if row.stop_at_period:
-            if self._period is None:
-                vocab = self.tokenizer.convert_ids_to_tokens(list(range(len(self.tokenizer))))
-                self._period = {i for i, tok in enumerate(vocab) if tok and "." in tok}
-            return token in self._period
-        return False
+        return row.stop_at_period and token in self._period_ids()
 
     def _batch_cache(self, rows: list, caches: list):
         from transformers import DynamicCache
