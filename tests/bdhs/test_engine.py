@@ -139,3 +139,56 @@ def test_povid_is_the_teacher_forced_argmax(setup):
     P = len(pairs[0].prompt_ids)
     expected = logits[P - 1:P - 1 + len(response)].argmax(-1).tolist()
     assert got.rejected == tok.decode(expected, skip_special_tokens=True)
+
+
+def _exact_against_baseline(engine, masked, pairs, try_index=1):
+    rows = engine.complete_rows(pairs, try_index)
+    for j, pair in enumerate(pairs):
+        alone = sentence_by_sentence(engine, masked, pair, try_index)
+        mine = [r.generated for r in rows if r.pair == j]
+        assert len(mine) == len(alone) and all(m == a[:len(m)] for m, a in zip(mine, alone))
+    return rows
+
+
+def test_llava_next_anyres(setup):
+    """LLaVA-1.6: image features of several tiles, located through the image token like LLaVA-1.5."""
+    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
+
+    tok = setup[0]
+    text = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=512, pad_token_id=tok.pad_token_id,
+                eos_token_id=tok.eos_token_id)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=32,
+                  patch_size=8)
+    cfg = LlavaNextConfig(vision_config=vision, text_config=text, image_token_id=tok.convert_tokens_to_ids("<image>"),
+                          image_grid_pinpoints=[[32, 32], [32, 64], [64, 32]], vision_feature_layer=-1)
+    torch.manual_seed(0)
+    model = LlavaNextForConditionalGeneration._from_config(cfg, attn_implementation="sdpa").double().eval()
+    masked = LlavaNextForConditionalGeneration._from_config(cfg, attn_implementation="mmalign_masked").double().eval()
+    masked.load_state_dict(model.state_dict())
+    px, sizes = torch.randn(1, 3, 3, 32, 32, dtype=torch.float64), torch.tensor([[32, 64]])
+    with torch.no_grad():
+        n_image = model.model.get_image_features(pixel_values=px, image_sizes=sizes).pooler_output[0].shape[0]
+    pairs = [PairInput("next-0", M.prompt_ids(tok, "Describe the image .", n_image), CHOSEN[0],
+                       {"pixel_values": px, "image_sizes": sizes})]
+    engine = BDHSEngine(model, tok, _sim(0.0), BDHSConfig(mode="both", rho_th=0.8, max_new_tokens=5))
+    _exact_against_baseline(engine, masked, pairs)
+    assert not engine.draw(pairs[0], 1).keep.all()
+
+
+def test_text_only_causal_lm(setup):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = setup[0]
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, pad_token_id=tok.pad_token_id,
+                      eos_token_id=tok.eos_token_id)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM._from_config(cfg, attn_implementation="sdpa").double().eval()
+    masked = LlamaForCausalLM._from_config(cfg, attn_implementation="mmalign_masked").double().eval()
+    masked.load_state_dict(model.state_dict())
+    ids = torch.tensor(tok("USER : Describe the image . ASSISTANT :")["input_ids"])
+    pairs = [PairInput(f"text-{i}", ids, c) for i, c in enumerate(CHOSEN)]
+    engine = BDHSEngine(model, tok, _sim(0.0), BDHSConfig(mode="attn", max_new_tokens=5))
+    assert engine.image_token is None and engine.draw(pairs[0], 1).keep.all()
+    _exact_against_baseline(engine, masked, pairs)
