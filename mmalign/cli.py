@@ -154,6 +154,65 @@ def _add_bdhs(sub) -> None:
     b.set_defaults(fn=_bdhs)
 
 
+def _train(args) -> int:
+    from .train import Trainer, TrainConfig, precompute_reference
+
+    flags = {k: getattr(args, k) for k in ("model", "data", "images", "output_dir", "deepspeed", "zero_stage", "loss",
+                                           "beta", "lr", "epochs", "max_steps", "micro_batch_size", "grad_accum",
+                                           "max_length", "reference", "seed", "save_every", "prompt_template")}
+    flags.update({k: True for k in ("bf16", "gradient_checkpointing", "offload_optimizer") if getattr(args, k)})
+    if args.no_progress:
+        flags["progress"] = False
+    try:
+        cfg = TrainConfig.from_file(args.config, **flags) if args.config else \
+            TrainConfig(**{k: v for k, v in flags.items() if v is not None})
+        if args.precompute_reference:
+            n = precompute_reference(cfg, args.precompute_reference)
+            print(f"reference log-probs of {n} pairs written to {args.precompute_reference}")
+            return 0
+        rows = Trainer(cfg).train()
+    except (ValueError, OSError, RuntimeError, ImportError) as e:
+        print(f"mmalign train: {e}", file=sys.stderr)
+        return 2
+    if rows:
+        print(json.dumps(rows[-1]))
+    return 0
+
+
+def _add_train(sub) -> None:
+    from .train import LOSSES
+
+    t = sub.add_parser("train", help="DPO-family training on DeepSpeed (dpo, ipo, hinge, d2po, mdpo, damo)",
+                       description="Flags override the --config file (JSON or YAML with TrainConfig's fields). "
+                                   "Multi-GPU / multi-node: launch with `deepspeed` or `torchrun`, unchanged.")
+    t.add_argument("--config", help="JSON or YAML file with the fields of mmalign.train.TrainConfig")
+    t.add_argument("--model", help="local Hugging Face VLM or causal LM directory")
+    t.add_argument("--data", help="preference data (.jsonl, parquet, saved dataset; any layout `hardness` reads)")
+    t.add_argument("--images")
+    t.add_argument("--output-dir")
+    t.add_argument("--deepspeed", help="a DeepSpeed JSON config, used as is ('auto' values filled)")
+    t.add_argument("--zero-stage", type=int, choices=(0, 1, 2, 3))
+    t.add_argument("--bf16", action="store_true")
+    t.add_argument("--offload-optimizer", action="store_true")
+    t.add_argument("--gradient-checkpointing", action="store_true")
+    t.add_argument("--loss", choices=sorted(LOSSES))
+    t.add_argument("--beta", type=float)
+    t.add_argument("--lr", type=float)
+    t.add_argument("--epochs", type=int)
+    t.add_argument("--max-steps", type=int)
+    t.add_argument("--micro-batch-size", type=int, help="pairs per rank per micro-batch")
+    t.add_argument("--grad-accum", type=int)
+    t.add_argument("--max-length", type=int)
+    t.add_argument("--reference", choices=("precomputed", "model"))
+    t.add_argument("--prompt-template")
+    t.add_argument("--seed", type=int)
+    t.add_argument("--save-every", type=int)
+    t.add_argument("--no-progress", action="store_true")
+    t.add_argument("--precompute-reference", metavar="OUT",
+                   help="instead of training: write the data with reference log-probs to OUT (.jsonl)")
+    t.set_defaults(fn=_train)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mmalign", description="Fused kernels for aligning multimodal LLMs (DAMO, BDHS).")
     sub = p.add_subparsers(dest="command", required=True)
@@ -166,6 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(fn=_demo)
     _add_hardness(sub)
     _add_bdhs(sub)
+    _add_train(sub)
     return p
 
 

@@ -1,0 +1,5 @@
+"""Thin DPO-family trainers on DeepSpeed (``mmalign train``): :class:`Trainer` with :class:`TrainConfig`,
+:func:`precompute_reference`, and the batch pieces in :mod:`.batches` (vision once per pair, fused
+log-probs on the final hidden states)."""
+from .batches import PairExample, encode_pair, pair_logps  # noqa: F401
+from .trainer import LOSSES, Trainer, TrainConfig, deepspeed_config, loss_module, precompute_reference  # noqa: F401

@@ -1,0 +1,322 @@
+"""A thin DPO-family trainer on DeepSpeed (``mmalign train``).
+
+One optimizer step = ``grad_accum`` micro-batches of ``micro_batch_size`` pairs per rank. Each
+micro-batch: policy log-probs (:func:`.batches.pair_logps`: vision once per pair, fused log-probs on
+the final hidden states), reference log-probs (precomputed in the data, or a frozen copy of the initial
+policy), then the loss: every loss is :class:`mmalign.nn.DAMOLoss` with a preset (dpo, ipo and hinge are
+the ``dpo`` preset with that loss type; d2po, mdpo, damo as in SPEC.md §5); with several ranks the
+DAMO statistics are taken over the global micro-batch (all-gathered margins).
+
+DeepSpeed does the rest: ZeRO 0-3, bf16, optimizer offload, gradient accumulation (``engine.backward``
+scales, ``engine.step`` steps at the boundary), checkpoints. A checkpoint holds the model, optimizer
+and scheduler (DeepSpeed's), plus the loss module's state (DAMO running mean and step), the trainer
+step and the RNG states: data order is a function of (seed, epoch), so a resumed run continues exactly
+as an uninterrupted one.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .. import data
+from ..nn import DAMOLoss
+from ..prompts import PromptEncoder, load_model
+from .batches import PairExample, encode_pair, pair_logps
+
+# loss name -> (DAMO preset, loss type)
+LOSSES = {"dpo": ("dpo", "sigmoid"), "ipo": ("dpo", "ipo"), "hinge": ("dpo", "hinge"),
+          "d2po": ("d2po", "sigmoid"), "mdpo": ("mdpo", "sigmoid"), "damo": ("damo", "sigmoid")}
+
+
+@dataclass
+class TrainConfig:
+    model: str | None = None            # local Hugging Face model directory
+    data: str | None = None             # preference data (any input `mmalign hardness` reads)
+    images: str | None = None
+    output_dir: str = "runs/mmalign"
+    deepspeed: str | dict | None = None  # a DeepSpeed JSON (path or dict), taken as is; "auto" values filled
+    zero_stage: int = 0                 # used when no DeepSpeed config is given
+    bf16: bool = False
+    offload_optimizer: bool = False
+    loss: str = "dpo"
+    beta: float = 0.1
+    damo: dict = field(default_factory=dict)  # more DAMOConfig fields: variant, selection, keep, gamma, ...
+    lr: float = 5e-7
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    epochs: int = 1
+    max_steps: int | None = None
+    micro_batch_size: int = 4           # pairs per rank per micro-batch
+    grad_accum: int = 1
+    max_length: int = 2048
+    gradient_checkpointing: bool = False
+    reference: str = "precomputed"      # "precomputed" (ref_*_logp in the data) or "model" (frozen initial policy)
+    prompt_template: str | None = None
+    layout: str = "auto"
+    columns: dict | None = None
+    seed: int = 0
+    log_every: int = 1
+    save_every: int | None = None       # optimizer steps; a checkpoint is always written at the end
+    resume: bool = True
+    progress: bool = True
+
+    def validate(self) -> None:
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss: expected one of {sorted(LOSSES)}, got {self.loss!r}")
+        if self.reference not in ("precomputed", "model"):
+            raise ValueError(f"reference: expected 'precomputed' or 'model', got {self.reference!r}")
+        for name in ("micro_batch_size", "grad_accum", "epochs", "max_length", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: expected >= 1, got {getattr(self, name)}")
+        if not self.beta > 0 or not self.lr > 0:
+            raise ValueError(f"beta and lr: expected > 0, got {self.beta}, {self.lr}")
+
+    @classmethod
+    def from_file(cls, path: str, **overrides) -> "TrainConfig":
+        """A JSON or YAML file whose keys are the fields of this class."""
+        text = Path(path).read_text()
+        if path.endswith((".yaml", ".yml")):
+            import yaml
+
+            values = yaml.safe_load(text) or {}
+        else:
+            values = json.loads(text)
+        unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"{path}: unknown keys {sorted(unknown)}")
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+
+def loss_module(cfg: TrainConfig) -> DAMOLoss:
+    preset, loss_type = LOSSES[cfg.loss]
+    return DAMOLoss(beta=cfg.beta, preset=preset, seed=cfg.seed, loss_type=loss_type, **cfg.damo)
+
+
+def deepspeed_config(cfg: TrainConfig) -> dict:
+    """The user's DeepSpeed config as is (``"auto"`` values filled from ``cfg``), or one built from ``cfg``."""
+    if cfg.deepspeed is None:
+        ds = {"zero_optimization": {"stage": cfg.zero_stage}, "bf16": {"enabled": cfg.bf16}, "gradient_clipping": 1.0}
+        if cfg.offload_optimizer:
+            ds["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
+    else:
+        ds = copy.deepcopy(cfg.deepspeed) if isinstance(cfg.deepspeed, dict) else json.loads(Path(cfg.deepspeed).read_text())
+    fill = {"train_micro_batch_size_per_gpu": cfg.micro_batch_size, "gradient_accumulation_steps": cfg.grad_accum}
+    for key, value in fill.items():
+        if ds.get(key, "auto") == "auto":
+            ds[key] = value
+    if ds.get("train_batch_size") == "auto":
+        del ds["train_batch_size"]  # DeepSpeed derives it from the two above and the world size
+    if isinstance(ds.get("bf16"), dict) and ds["bf16"].get("enabled") == "auto":
+        ds["bf16"]["enabled"] = cfg.bf16
+    ds.setdefault("zero_allow_untested_optimizer", True)  # the optimizer is torch's AdamW
+    ds.setdefault("steps_per_print", 10**9)
+    return ds
+
+
+def _init_distributed():
+    import deepspeed
+
+    for key, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29500"), ("RANK", "0"), ("WORLD_SIZE", "1"),
+                       ("LOCAL_RANK", "0")):
+        os.environ.setdefault(key, value)
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    return torch.distributed.get_rank(), torch.distributed.get_world_size()
+
+
+class Trainer:
+    """``Trainer(cfg).train()``; ``model``/``processor`` objects may replace ``cfg.model``."""
+
+    def __init__(self, cfg: TrainConfig, *, model=None, processor=None):
+        cfg.validate()
+        self.cfg = cfg
+        self.rank, self.world = _init_distributed()
+        device = torch.device(f"cuda:{int(os.environ['LOCAL_RANK'])}" if torch.cuda.is_available() else "cpu")
+        if model is None:
+            if not cfg.model:
+                raise ValueError("model: give a local Hugging Face model directory")
+            model, processor = load_model(cfg.model, str(device), torch.float32)
+        elif processor is None:
+            raise ValueError("processor: give the model's processor (or tokenizer) with the model")
+        model.train()
+        if cfg.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+            model.config.use_cache = False
+        self.reference = None
+        if cfg.reference == "model":
+            self.reference = copy.deepcopy(model).eval().requires_grad_(False)
+        self.encoder = PromptEncoder(processor, template=cfg.prompt_template, images=cfg.images, device=device,
+                                     dtype=torch.bfloat16 if cfg.bf16 else torch.float32)
+        self.records, self.skipped = self._load_records()
+        self.loss_fn = loss_module(cfg).to(device)
+        self.ds_config = deepspeed_config(cfg)
+        self.zero3 = int(self.ds_config.get("zero_optimization", {}).get("stage", 0)) == 3
+        self.engine = self._engine(model)
+        self.device = device
+        self.step = 0
+        self.out = Path(cfg.output_dir)
+        self.ckpt_dir = self.out / "checkpoints"
+        if cfg.resume and (self.ckpt_dir / "latest").exists():
+            self._load_checkpoint()
+
+    # ------------------------------------------------------------------------------------- setup
+    def _load_records(self):
+        if not self.cfg.data:
+            raise ValueError("data: give a preference dataset")
+        records, skipped = [], []
+        for rec in data.iter_records(self.cfg.data, layout=self.cfg.layout, columns=self.cfg.columns):
+            (skipped if isinstance(rec, data.RecordError) else records).append(rec)
+        if skipped and self.rank == 0:
+            print(f"train: skipping {len(skipped)} unreadable records, first: {skipped[0]}", file=sys.stderr)
+        if self.cfg.reference == "precomputed":
+            lacking = next((r for r in records if r.extra.get("ref_chosen_logp") is None
+                            or r.extra.get("ref_rejected_logp") is None), None)
+            if lacking is not None:
+                raise ValueError(f"reference='precomputed' but {lacking.where()} has no ref_chosen_logp/"
+                                 "ref_rejected_logp: run `mmalign train --precompute-reference` first, or use "
+                                 "reference='model'")
+        if len(records) < self.cfg.micro_batch_size * self.world:
+            raise ValueError(f"data: {len(records)} usable pairs, fewer than one global micro-batch "
+                             f"({self.cfg.micro_batch_size} x {self.world} ranks)")
+        return records, skipped
+
+    def _engine(self, model):
+        import deepspeed
+
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+        warm = self.cfg.warmup_steps
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                               config=self.ds_config)
+        return engine
+
+    @property
+    def micro_batches_per_epoch(self) -> int:
+        return len(self.records) // (self.cfg.micro_batch_size * self.world)
+
+    @property
+    def total_steps(self) -> int:
+        steps = self.cfg.epochs * (self.micro_batches_per_epoch // self.cfg.grad_accum)
+        return min(steps, self.cfg.max_steps) if self.cfg.max_steps else steps
+
+    def micro_batch(self, k: int) -> list[PairExample]:
+        """The k-th micro-batch of this rank: a function of (seed, epoch, k) only."""
+        per_epoch, n = self.micro_batches_per_epoch, self.cfg.micro_batch_size
+        epoch, j = divmod(k, per_epoch)
+        order = torch.randperm(len(self.records), generator=torch.Generator().manual_seed(self.cfg.seed * 1000 + epoch))
+        start = (j * self.world + self.rank) * n
+        return [encode_pair(self.records[i], self.encoder, self.cfg.max_length) for i in order[start:start + n].tolist()]
+
+    # ---------------------------------------------------------------------------------- one step
+    def _reference_logps(self, batch: list[PairExample]):
+        if self.reference is None:
+            t = lambda xs: torch.tensor(xs, dtype=torch.float32, device=self.device)  # noqa: E731
+            return t([e.ref_chosen for e in batch]), t([e.ref_rejected for e in batch])
+        with torch.no_grad():
+            return pair_logps(self.reference, batch, zero3=False)
+
+    def micro_step(self, batch: list[PairExample]) -> dict:
+        pc, pr = pair_logps(self.engine.module, batch, zero3=self.zero3)
+        rc, rr = self._reference_logps(batch)
+        alpha_d = None
+        if all(e.alpha_d is not None for e in batch):
+            alpha_d = torch.tensor([e.alpha_d for e in batch], dtype=torch.float32, device=self.device)
+        group = torch.distributed.group.WORLD if self.world > 1 else None
+        out = self.loss_fn(pc.float(), pr.float(), rc.float(), rr.float(), alpha_d=alpha_d, group=group)
+        # the ranks' losses sum to the global loss and DeepSpeed averages gradients over ranks: scale back
+        self.engine.backward(out.loss * self.world)
+        loss = out.loss.detach().clone()
+        if self.world > 1:
+            torch.distributed.all_reduce(loss)
+        m = out.metrics
+        return {"loss": loss.item(), "chosen_reward": m.chosen_rewards.mean().item(),
+                "rejected_reward": m.rejected_rewards.mean().item(), "margin": m.margins.mean().item(),
+                "accuracy": m.accuracies.float().mean().item(), "alpha_m": float(m.alpha_m),
+                "kept": int(m.keep.sum()), "beta_mean": m.beta.mean().item(), "beta_min": m.beta.min().item(),
+                "beta_max": m.beta.max().item(), "running_mean": float(self.loss_fn.running_mean)}
+
+    def train(self) -> list[dict]:
+        """Run to ``total_steps`` (from the checkpoint when resuming); returns this run's metric rows."""
+        from tqdm.auto import tqdm
+
+        cfg, rows = self.cfg, []
+        self.out.mkdir(parents=True, exist_ok=True)
+        bar = tqdm(total=self.total_steps, initial=self.step, unit="step", desc="train",
+                   disable=not cfg.progress or self.rank != 0, file=sys.stderr, dynamic_ncols=True)
+        started = time.time()
+        while self.step < self.total_steps:
+            t0, micro = time.time(), []
+            for a in range(cfg.grad_accum):
+                micro.append(self.micro_step(self.micro_batch(self.step * cfg.grad_accum + a)))
+                self.engine.step()
+            self.step += 1
+            row = {"step": self.step, **{k: sum(m[k] for m in micro) / len(micro) for k in micro[0]},
+                   "lr": self.engine.get_lr()[0],
+                   "pairs_per_s": cfg.grad_accum * cfg.micro_batch_size * self.world / (time.time() - t0)}
+            row["kept"], row["running_mean"] = micro[-1]["kept"], micro[-1]["running_mean"]
+            rows.append(row)
+            if self.rank == 0 and self.step % cfg.log_every == 0:
+                with open(self.out / "metrics.jsonl", "a") as f:
+                    f.write(json.dumps(row) + "\n")
+            bar.update(1)
+            bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['accuracy']:.2f}", refresh=False)
+            if cfg.save_every and self.step % cfg.save_every == 0:
+                self.save_checkpoint()
+        bar.close()
+        if not rows or not (cfg.save_every and self.step % cfg.save_every == 0):
+            self.save_checkpoint()
+        if self.rank == 0 and rows:
+            print(f"train: {len(rows)} steps in {time.time() - started:.1f} s, last loss {rows[-1]['loss']:.4f}",
+                  file=sys.stderr)
+        return rows
+
+    # ------------------------------------------------------------------------------- checkpoints
+    def save_checkpoint(self) -> None:
+        state = {"step": self.step, "loss_fn": self.loss_fn.state_dict(),
+                 "rng": {"torch": torch.get_rng_state(), "python": random.getstate()}}
+        self.engine.save_checkpoint(str(self.ckpt_dir), tag=f"step{self.step}", client_state=state)
+
+    def _load_checkpoint(self) -> None:
+        _, state = self.engine.load_checkpoint(str(self.ckpt_dir))
+        self.step = int(state["step"])
+        self.loss_fn.load_state_dict(state["loss_fn"])
+        torch.set_rng_state(state["rng"]["torch"])
+        random.setstate(state["rng"]["python"])
+        if self.rank == 0:
+            print(f"train: resumed from {self.ckpt_dir} at step {self.step}", file=sys.stderr)
+
+
+def precompute_reference(cfg: TrainConfig, out: str, *, model=None, processor=None, batch_size: int = 8) -> int:
+    """Write ``out`` (.jsonl): the data with ``ref_chosen_logp``/``ref_rejected_logp`` from the model as
+    it is now (the DAMO and RLAIF-V recipe: the reference pass runs once). Returns the pair count."""
+    from .. import jobs
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if model is None:
+        model, processor = load_model(cfg.model, device, torch.bfloat16 if cfg.bf16 else torch.float32)
+    model.eval()
+    encoder = PromptEncoder(processor, template=cfg.prompt_template, images=cfg.images, device=model.device,
+                            dtype=next(model.parameters()).dtype)
+    rows = []
+    records = [r for r in data.iter_records(cfg.data, layout=cfg.layout, columns=cfg.columns)
+               if isinstance(r, data.PairRecord)]
+    for batch in jobs.batched(records, batch_size):
+        with torch.no_grad():
+            rc, rr = pair_logps(model, [encode_pair(r, encoder, cfg.max_length) for r in batch])
+        for rec, c, r in zip(batch, rc.tolist(), rr.tolist()):
+            row = rec.canonical()
+            row.update(ref_chosen_logp=c, ref_rejected_logp=r)
+            rows.append(row)
+    jobs.write_rows(Path(out), rows)
+    return len(rows)
+

@@ -1,0 +1,174 @@
+"""The DeepSpeed trainer on CPU (gloo) with a tiny random LLaVA: log-probs against an eager transcription
+(vision once per pair), one optimizer step against plain PyTorch (ZeRO-0 and ZeRO-2), resume equal to an
+uninterrupted run, two processes equal to one, the reference pass and the CLI."""
+import copy
+import json
+import os
+
+import pytest
+import torch
+
+pytest.importorskip("deepspeed")
+
+from mmalign.cli import main  # noqa: E402
+from mmalign.prompts import PromptEncoder, load_model  # noqa: E402
+from mmalign.train import Trainer, TrainConfig, encode_pair, pair_logps  # noqa: E402
+from mmalign import data  # noqa: E402
+
+from ..bdhs import _models as M  # noqa: E402
+from ..hardness import _fixtures as fx  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    tok = M.tokenizer()
+    model_dir = M.save_llava(root / "llava", tok)
+    fx.write_images(root / "images")
+    fx.write_jsonl(root / "in.jsonl", fx.pairs(8))
+    yield root, model_dir
+    if torch.distributed.is_initialized():  # leave no process group to the tests that follow
+        torch.distributed.destroy_process_group()
+
+
+def _cfg(root, model_dir, out, **kw):
+    base = dict(model=model_dir, data=str(root / "in.jsonl"), images=str(root / "images"), output_dir=str(out),
+                reference="model", micro_batch_size=4, grad_accum=1, max_steps=1, lr=1e-3, progress=False)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _eager_logps(model, examples):
+    """The usual way: the whole VLM forward per sequence (vision twice per pair), full logits, log_softmax."""
+    out = []
+    for ex in examples:
+        for resp in (ex.chosen_ids, ex.rejected_ids):
+            ids = torch.cat([ex.prompt_ids, torch.tensor(resp)])[None]
+            logits = model(input_ids=ids, **ex.image_inputs).logits[0, :-1]
+            lp = torch.log_softmax(logits.double(), -1)
+            target = ids[0, 1:]
+            P = len(ex.prompt_ids)
+            out.append(lp[P - 1:, :].gather(1, target[P - 1:, None]).sum())
+    out = torch.stack(out)
+    return out[0::2], out[1::2]
+
+
+def _examples(model, processor, root, n=3):
+    enc = PromptEncoder(processor, images=str(root / "images"), dtype=next(model.parameters()).dtype)
+    recs = [r for r in data.iter_records(root / "in.jsonl")][:n]
+    return [encode_pair(r, enc, 2048) for r in recs]
+
+
+@pytest.mark.parametrize("zero3", [False, True])
+def test_pair_logps_equal_eager_and_run_the_vision_tower_once_per_pair(setup, zero3):
+    root, model_dir = setup
+    model, processor = load_model(model_dir, "cpu", torch.float64)
+    examples = _examples(model, processor, root)
+    calls = []
+    hook = model.model.vision_tower.register_forward_hook(lambda *a: calls.append(1))
+    pc, pr = pair_logps(model, examples, zero3=zero3)
+    hook.remove()
+    assert len(calls) == len(examples)
+    (pc.sum() + 2 * pr.sum()).backward()
+    ours = [p.grad.clone() for p in (model.lm_head.weight, model.model.multi_modal_projector.linear_1.weight)]
+    model.zero_grad()
+    ec, er = _eager_logps(model, examples)
+    (ec.sum() + 2 * er.sum()).backward()
+    torch.testing.assert_close(pc, ec, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(pr, er, rtol=1e-10, atol=1e-10)
+    for g, p in zip(ours, (model.lm_head.weight, model.model.multi_modal_projector.linear_1.weight)):
+        torch.testing.assert_close(g, p.grad, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("stage", [0, 2])
+def test_one_step_equals_plain_pytorch(setup, tmp_path, stage):
+    root, model_dir = setup
+    base, processor = load_model(model_dir, "cpu", torch.float32)
+    trainer = Trainer(_cfg(root, model_dir, tmp_path / "run", zero_stage=stage, beta=0.5),
+                      model=copy.deepcopy(base), processor=processor)
+    batch = trainer.micro_batch(0)
+    rows = trainer.train()
+    manual = copy.deepcopy(base).train()
+    pc, pr = _eager_logps(manual, batch)
+    with torch.no_grad():
+        rc, rr = _eager_logps(base, batch)
+    loss = -torch.nn.functional.logsigmoid(0.5 * ((pc - rc) - (pr - rr))).mean()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(manual.parameters(), 1.0)
+    torch.optim.AdamW(manual.parameters(), lr=1e-3, weight_decay=0.0).step()
+    assert rows[0]["loss"] == pytest.approx(loss.item(), rel=1e-6)
+    compared = 0
+    for (name, p), q in zip(trainer.engine.module.named_parameters(), manual.parameters()):
+        if q.grad is None or q.grad.abs().max() < 1e-9:
+            continue  # e.g. attention key biases: a zero gradient up to rounding, which Adam blows up to +-lr
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-5, atol=1e-6, msg=name)
+        compared += 1
+    assert compared > 20
+
+
+def test_resume_continues_exactly(setup, tmp_path):
+    root, model_dir = setup
+    kw = dict(zero_stage=2, loss="damo", micro_batch_size=2, grad_accum=2, lr=1e-3, epochs=3, save_every=2)
+    whole = Trainer(_cfg(root, model_dir, tmp_path / "a", max_steps=4, **kw))
+    whole.train()
+    first = Trainer(_cfg(root, model_dir, tmp_path / "b", max_steps=2, **kw))
+    first.train()
+    resumed = Trainer(_cfg(root, model_dir, tmp_path / "b", max_steps=4, **kw))
+    assert resumed.step == 2 and float(resumed.loss_fn.running_mean) == float(first.loss_fn.running_mean) != 0
+    resumed.train()
+    for p, q in zip(whole.engine.module.parameters(), resumed.engine.module.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+    a = [json.loads(x) for x in open(tmp_path / "a" / "metrics.jsonl")]
+    b = [json.loads(x) for x in open(tmp_path / "b" / "metrics.jsonl")]
+    drop = ("pairs_per_s",)
+    assert [{k: v for k, v in r.items() if k not in drop} for r in a] == \
+        [{k: v for k, v in r.items() if k not in drop} for r in b]
+
+
+def _rank_main(rank, root, model_dir, out, port):
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    t = Trainer(_cfg(root, model_dir, out, zero_stage=2, loss="damo", micro_batch_size=2, max_steps=2))
+    rows = t.train()
+    flat = torch.cat([p.detach().reshape(-1) for p in t.engine.module.parameters()])
+    torch.save({"params": flat, "rows": rows, "g": float(t.loss_fn.running_mean)}, f"{out}/rank{rank}.pt")
+
+
+def test_two_processes_equal_one(setup, tmp_path):
+    import torch.multiprocessing as mp
+
+    root, model_dir = setup
+    out = tmp_path / "two"
+    out.mkdir()
+    mp.spawn(_rank_main, args=(root, model_dir, str(out), 29731), nprocs=2, join=True)
+    r0, r1 = (torch.load(out / f"rank{i}.pt") for i in range(2))
+    torch.testing.assert_close(r0["params"], r1["params"], rtol=0, atol=0)
+    assert r0["g"] == r1["g"]
+    single = Trainer(_cfg(root, model_dir, tmp_path / "one", zero_stage=2, loss="damo", micro_batch_size=4, max_steps=2))
+    rows = single.train()
+    flat = torch.cat([p.detach().reshape(-1) for p in single.engine.module.parameters()])
+    torch.testing.assert_close(r0["params"], flat, rtol=1e-4, atol=1e-6)
+    assert [r["loss"] for r in r0["rows"]] == pytest.approx([r["loss"] for r in rows], rel=1e-5)
+    assert r0["g"] == pytest.approx(float(single.loss_fn.running_mean), rel=1e-5)
+
+
+def test_precomputed_reference_and_cli(setup, tmp_path, capsys):
+    root, model_dir = setup
+    common = ["--model", model_dir, "--images", str(root / "images"), "--no-progress"]
+    ref = tmp_path / "ref.jsonl"
+    assert main(["train", "--data", str(root / "in.jsonl"), "--precompute-reference", str(ref)] + common) == 0
+    rows = [json.loads(x) for x in open(ref)]
+    assert len(rows) == 8 and all(isinstance(r["ref_chosen_logp"], float) for r in rows)
+    config = tmp_path / "train.json"
+    config.write_text(json.dumps({"loss": "ipo", "beta": 0.2, "micro_batch_size": 4, "max_steps": 1, "zero_stage": 2,
+                                  "reference": "precomputed", "output_dir": str(tmp_path / "run")}))
+    capsys.readouterr()
+    assert main(["train", "--config", str(config), "--data", str(ref)] + common) == 0
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert last["step"] == 1 and last["beta_mean"] == pytest.approx(0.2)
+    assert main(["train", "--data", str(root / "in.jsonl"), "--reference", "precomputed", "--output-dir",
+                 str(tmp_path / "x")] + common) == 2
+    assert "has no ref_chosen_logp" in capsys.readouterr().err
+    config.write_text(json.dumps({"los": "dpo"}))
+    assert main(["train", "--config", str(config)] + common) == 2
+    assert "unknown keys ['los']" in capsys.readouterr().err
