@@ -210,6 +210,7 @@ def _add_train(sub) -> None:
     t.add_argument("--no-progress", action="store_true")
     t.add_argument("--precompute-reference", metavar="OUT",
                    help="instead of training: write the data with reference log-probs to OUT (.jsonl)")
+    t.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # the deepspeed launcher's
     t.set_defaults(fn=_train)
 
 
