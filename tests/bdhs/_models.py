@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch
 
+from mmalign import synthetic
+
 from ..hardness import _fixtures as fx
 
 WORDS = ("the a an image shows red green blue yellow circle square triangle background is white and it "
@@ -10,27 +12,11 @@ WORDS = ("the a an image shows red green blue yellow circle square triangle back
 
 
 def tokenizer():
-    tok = fx.word_tokenizer([WORDS, WORDS.upper(), WORDS.title(), "USER ASSISTANT : Describe"], vocab_size=400,
-                            bos="<s>")
-    tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
-    return tok
+    return synthetic.word_tokenizer([WORDS, "USER ASSISTANT : Describe"], vocab_size=400)
 
 
 def llava(tok, dtype=torch.float64, attn="sdpa", seed=0):
-    from transformers import LlavaConfig, LlavaForConditionalGeneration
-
-    text = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=2, max_position_embeddings=512, pad_token_id=tok.pad_token_id,
-                eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
-    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=32,
-                  patch_size=8)
-    cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_id=tok.convert_tokens_to_ids("<image>"),
-                      vision_feature_layer=-1)
-    torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration._from_config(cfg, attn_implementation=attn).to(dtype).eval()
-    model.generation_config.eos_token_id = tok.eos_token_id
-    model.generation_config.pad_token_id = tok.pad_token_id
-    return model
+    return synthetic.tiny_llava(tok, dtype=dtype, attn=attn, seed=seed)
 
 
 def prompt_ids(tok, prompt: str, n_image: int = 16) -> torch.Tensor:
@@ -52,22 +38,9 @@ def pixels(colour: str, shape: str, dtype=torch.float64) -> torch.Tensor:
 
 def save_llava(dir, tok, dtype=torch.float32) -> str:
     """A tiny LLaVA with its processor (CLIP image processor + the word tokenizer) saved to ``dir``."""
-    from transformers import CLIPImageProcessor, LlavaProcessor
-
-    llava(tok, dtype).save_pretrained(dir)
-    LlavaProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
-                   tokenizer=tok, patch_size=8, vision_feature_select_strategy="default",
-                   num_additional_image_tokens=1, image_token="<image>").save_pretrained(dir)
-    return str(dir)
+    return synthetic.save_tiny_llava(dir, tok, dtype=dtype)
 
 
 def save_sentence_model(dir) -> str:
     """A tiny random sentence-transformers model (BERT from config + mean pooling) saved to ``dir``."""
-    from transformers import BertConfig, BertModel
-
-    tok = tokenizer()
-    torch.manual_seed(0)
-    BertModel(BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                         intermediate_size=64, max_position_embeddings=128)).save_pretrained(dir)
-    tok.save_pretrained(dir)
-    return str(dir)
+    return synthetic.save_tiny_sentence_model(dir, tokenizer())

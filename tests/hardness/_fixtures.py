@@ -3,30 +3,16 @@ canonical and the RLAIF-V / POVID / VLFeedback layouts, and tiny random CLIP mod
 config file, Hugging Face CLIPModel from a config with a locally trained tokenizer). No downloads."""
 from __future__ import annotations
 
-import io
 import json
 from pathlib import Path
 
-COLOURS = {"red": (220, 30, 30), "green": (30, 180, 60), "blue": (40, 60, 220), "yellow": (230, 210, 40)}
-SHAPES = ("circle", "square", "triangle")
+from mmalign import synthetic
+
+COLOURS, SHAPES = synthetic.COLOURS, synthetic.SHAPES
 
 
 def shape_png(colour: str, shape: str, size: int = 48) -> bytes:
-    from PIL import Image, ImageDraw
-
-    img = Image.new("RGB", (size, size), (250, 250, 250))
-    draw = ImageDraw.Draw(img)
-    box = (size // 6, size // 6, size - size // 6, size - size // 6)
-    fill = COLOURS[colour]
-    if shape == "circle":
-        draw.ellipse(box, fill=fill)
-    elif shape == "square":
-        draw.rectangle(box, fill=fill)
-    else:
-        draw.polygon([(size // 2, box[1]), (box[2], box[3]), (box[0], box[3])], fill=fill)
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return buf.getvalue()
+    return synthetic.png(colour, shape, 1, size)
 
 
 def pairs(n: int) -> list[dict]:
@@ -58,25 +44,12 @@ def write_jsonl(path: Path, rows: list) -> Path:
 
 def open_clip_config(dir: Path) -> str:
     """A tiny open_clip model config file (random weights, ~3M parameters, 32-pixel images)."""
-    cfg = {"embed_dim": 32,
-           "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8},
-           "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2}}
-    path = dir / "TinyCLIP-mmalign-test.json"
-    path.write_text(json.dumps(cfg))
-    return str(path)
+    return synthetic.tiny_open_clip_config(dir)
 
 
 def word_tokenizer(texts: list[str], vocab_size: int = 200, bos: str | None = None):
     """A word-level tokenizer trained here (a PreTrainedTokenizerFast with pad/unk/eos)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    special = ["<pad>", "<unk>", "<eos>"] + ([bos] if bos else [])
-    tok.train_from_iterator(texts, trainers.WordLevelTrainer(vocab_size=vocab_size, special_tokens=special))
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", eos_token="<eos>",
-                                   **({"bos_token": bos} if bos else {}))
+    return synthetic.word_tokenizer(texts, vocab_size=vocab_size, bos=bos, image_token=None)
 
 
 def hf_clip_dir(dir: Path) -> str:
