@@ -9,7 +9,7 @@ import torch
 
 import mmalign.functional as F
 from mmalign import _dispatch
-from mmalign.demo import eager_sequence_logps
+from mmalign.ops_demo import eager_sequence_logps
 
 from conftest import run_case
 

@@ -14,11 +14,22 @@ def _env(args) -> int:
     return 0
 
 
+def _ops_demo(args) -> int:
+    from . import ops_demo
+
+    print(ops_demo.run(device=args.device, seed=args.seed))
+    return 0
+
+
 def _demo(args) -> int:
     from . import demo
 
-    print(demo.run(device=args.device, seed=args.seed))
-    return 0
+    def start():
+        return demo.run(args.workdir, pairs=args.pairs, steps=args.steps, model=args.model, clip_model=args.clip_model,
+                        clip_pretrained=args.clip_pretrained, similarity_model=args.similarity_model, lr=args.lr,
+                        seed=args.seed, progress=not args.no_progress)
+
+    return _run_job("demo", start)
 
 
 def _columns(text: str | None) -> dict | None:
@@ -220,9 +231,22 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("env", help="versions, devices, and which backends run each op here (and why not)")
     e.add_argument("--json", action="store_true", help="machine-readable output")
     e.set_defaults(fn=_env)
-    d = sub.add_parser("demo", help="the fused ops against eager PyTorch on this machine")
-    d.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    o = sub.add_parser("ops-demo", help="the fused ops against eager PyTorch on this machine")
+    o.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    o.add_argument("--seed", type=int, default=0)
+    o.set_defaults(fn=_ops_demo)
+    d = sub.add_parser("demo", help="the whole pipeline end to end on synthetic data: hardness, BDHS, DPO vs DAMO",
+                       description="No GPU, no downloads: tiny random models unless --model/--clip-model give real ones.")
+    d.add_argument("--workdir", default="mmalign-demo", help="where data, models, runs and plots go")
+    d.add_argument("--pairs", type=int, default=48)
+    d.add_argument("--steps", type=int, default=120, help="optimizer steps per loss")
+    d.add_argument("--lr", type=float, default=3e-4)
+    d.add_argument("--model", help="a local LLaVA-style model directory (default: a tiny random one)")
+    d.add_argument("--clip-model", help="CLIP for hardness (default: a tiny random open_clip)")
+    d.add_argument("--clip-pretrained")
+    d.add_argument("--similarity-model", help="sentence-transformers model for BDHS (default: a tiny random one)")
     d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--no-progress", action="store_true")
     d.set_defaults(fn=_demo)
     _add_hardness(sub)
     _add_bdhs(sub)

@@ -1,82 +1,133 @@
-"""``mmalign demo``: the fused log-prob ops against eager PyTorch on this machine, with numbers.
+"""``mmalign demo``: the whole pipeline on a fresh machine, no GPU, no downloads, a few minutes on 2 cores.
 
-Eager is what DPO trainers run today (TRL, the released DAMO code): ``log_softmax`` of fp32 logits,
-then ``gather`` of the labels. Shapes are small enough for 2 CPU cores and a few seconds."""
+1. a synthetic preference set: coloured shapes; chosen captions right, rejected ones wrong in every
+   attribute (easy pairs) or in one (hard pairs)                              (:mod:`mmalign.synthetic`)
+2. DAMO's data hardness: sub-sentences, CLIP scores, α_D                     (``mmalign hardness``)
+3. BDHS rejected responses from the model with 99% of image tokens hidden    (``mmalign bdhs``)
+4. the reference log-probs, once                                             (``mmalign train --precompute-reference``)
+5. DPO and DAMO training on DeepSpeed, the implicit reward margins of easy and hard pairs tracked over
+   training (DAMO's Figure 1 question: does the model keep learning the hard pairs?)
+   -> a table, ``margins.png`` and ``bdhs.tries.png`` in the work directory.
+
+Without ``--model`` / ``--clip-model`` every model is tiny and random (the numbers show the machinery
+working, not what real models learn); with real weights the same command runs the real pipeline.
+"""
 from __future__ import annotations
 
-import time
+import dataclasses
+import json
+import shutil
+from pathlib import Path
 
-import torch
-
-from . import functional as F
-from ._measure import peak_memory_above
-
-
-def eager_sequence_logps(logits, labels, ignore_index=-100):
-    """The eager recipe of DPO trainers: fp32 log_softmax over the vocabulary, gather, masked sum."""
-    mask = labels != ignore_index
-    logp = logits.float().log_softmax(-1).gather(-1, labels.masked_fill(~mask, 0).unsqueeze(-1)).squeeze(-1)
-    return (logp * mask).sum(-1)
+from . import jobs, synthetic
 
 
-def _fwd_bwd(fn, *leaves):
-    def run():
-        out = fn()
-        out.sum().backward()
-        return out.detach()
+@dataclasses.dataclass
+class DemoResult:
+    workdir: str
+    hardness: object
+    bdhs: object
+    history: dict          # loss -> list of {step, easy, hard, loss}
+    table: str
+    plot: str | None
 
-    def clear():
-        for t in leaves:
-            t.grad = None
-    run.clear = clear
-    return run
-
-
-def _measure(run, device, repeats=3):
-    run()  # warm-up
-    run.clear()
-    out, mem = peak_memory_above(run, device)
-    times = []
-    for _ in range(repeats):
-        run.clear()
-        t0 = time.perf_counter()
-        run()
-        if torch.device(device).type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return out, sorted(times)[len(times) // 2], mem
+    def format(self) -> str:
+        return "\n".join([f"work directory: {self.workdir}", "", "## data hardness", self.hardness.format(), "",
+                          "## BDHS", self.bdhs.format(), "", "## training", self.table,
+                          f"margins plot: {self.plot}" if self.plot else ""])
 
 
-def _row(name, out, ref, sec, mem, base):
-    err = (out.double() - ref.double()).abs().max().item()
-    speed = f"{base[0] / sec:5.2f}x" if base else "  1.00x"
-    memr = f"{mem / base[1]:5.2f}x" if base and base[1] else "  1.00x"
-    return f"  {name:<34} max|diff| {err:8.1e}   {sec * 1e3:8.1f} ms  {speed}   {mem / 2**20:8.1f} MiB  {memr}"
+def _models(work: Path, model: str | None, clip_model: str | None, similarity_model: str | None):
+    tok = synthetic.word_tokenizer()
+    if model is None:
+        model = synthetic.save_tiny_llava(work / "model", tok, hidden=64, layers=2)
+    if similarity_model is None:
+        similarity_model = synthetic.save_tiny_sentence_model(work / "sentence-model")
+    clip_pretrained = None
+    if clip_model is None:
+        clip_model = synthetic.tiny_open_clip_config(work)
+    else:
+        clip_pretrained = "openai"
+    return model, clip_model, clip_pretrained, similarity_model
 
 
-def run(device: str = "cpu", seed: int = 0, sizes: tuple[int, int, int, int] = (4, 256, 32000, 256)) -> str:
-    """Compare both ops with eager at (B, T, V, H) = ``sizes``; returns the printed table."""
-    g = torch.Generator().manual_seed(seed)
-    B, T, V, H = sizes
-    dtype = torch.float32 if device == "cpu" else torch.bfloat16
-    lines = [f"device {device}, dtype {dtype}; time = median fwd+bwd, memory = peak above inputs", ""]
+def run(workdir: str = "mmalign-demo", *, pairs: int = 48, steps: int = 120, model: str | None = None,
+        clip_model: str | None = None, clip_pretrained: str | None = None, similarity_model: str | None = None,
+        lr: float = 3e-4, micro_batch_size: int = 8, seed: int = 0, progress: bool = True) -> DemoResult:
+    from . import hardness
+    from .bdhs import BDHSConfig
+    from .bdhs import job as bdhs_job
+    from .train import Trainer, TrainConfig, precompute_reference
 
-    logits = torch.randn(B, T, V, generator=g).to(device=device, dtype=dtype).requires_grad_()
-    labels = torch.randint(0, V, (B, T), generator=g).to(device)
-    labels[:, : T // 4] = -100  # prompt positions
-    lines.append(f"sequence_logps: logits ({B}, {T}, {V})")
-    ref, *base = _measure(_fwd_bwd(lambda: eager_sequence_logps(logits, labels), logits), device)
-    lines.append(_row("eager log_softmax+gather", ref, ref, *base, None))
-    out, *m = _measure(_fwd_bwd(lambda: F.sequence_logps(logits, labels), logits), device)
-    lines.append(_row("mmalign.sequence_logps", out, ref, *m, base))
+    work = Path(workdir)
+    for owned in ("runs", "images", "model", "sentence-model"):
+        shutil.rmtree(work / owned, ignore_errors=True)
+    for old in work.glob("pairs*"):
+        shutil.rmtree(old) if old.is_dir() else old.unlink()
+    work.mkdir(parents=True, exist_ok=True)
+    rows = synthetic.make_pairs(pairs, work / "images", seed)
+    jobs.write_rows(work / "pairs.jsonl", rows)
+    model, clip_model, default_pretrained, similarity_model = _models(work, model, clip_model, similarity_model)
+    clip_pretrained = clip_pretrained if clip_pretrained is not None else default_pretrained
 
-    hidden = torch.randn(B, T, H, generator=g).to(device=device, dtype=dtype).requires_grad_()
-    weight = (torch.randn(V, H, generator=g) / H**0.5).to(device=device, dtype=dtype).requires_grad_()
-    resp = torch.randint(0, V, (B, T), generator=g).to(device)
-    resp[:, : T // 2] = -100  # half the sequence is prompt + image tokens
-    lines += ["", f"fused_linear_sequence_logps: hidden ({B}, {T}, {H}), weight ({V}, {H}), half the labels ignored"]
-    ref, *base = _measure(_fwd_bwd(lambda: eager_sequence_logps(hidden @ weight.T, resp), hidden, weight), device)
-    lines.append(_row("eager matmul+log_softmax+gather", ref, ref, *base, None))
-    out, *m = _measure(_fwd_bwd(lambda: F.fused_linear_sequence_logps(hidden, weight, resp), hidden, weight), device)
-    lines.append(_row("mmalign.fused_linear_sequence_logps", out, ref, *m, base))
+    hard = hardness.run(work / "pairs.jsonl", work / "pairs.hardness.jsonl", images=str(work / "images"),
+                        clip_model=clip_model, clip_pretrained=clip_pretrained, progress=progress, seed=seed)
+    bdhs = bdhs_job.run(work / "pairs.hardness.jsonl", work / "pairs.bdhs.jsonl", model=model,
+                        images=str(work / "images"), similarity_model=similarity_model, progress=progress,
+                        engine=BDHSConfig(max_new_tokens=8, tries=3, seed=seed))
+    base = dict(model=model, images=str(work / "images"), micro_batch_size=micro_batch_size, lr=lr, seed=seed,
+                max_steps=steps, epochs=10**6, progress=progress, reference="precomputed", beta=0.1)
+    precompute_reference(TrainConfig(data=str(work / "pairs.hardness.jsonl"), **base), str(work / "pairs.ref.jsonl"))
+
+    history = {}
+    every = max(1, steps // 12)
+    for loss in ("dpo", "damo"):
+        trainer = Trainer(TrainConfig(data=str(work / "pairs.ref.jsonl"), output_dir=str(work / "runs" / loss),
+                                      loss=loss, **base))
+        groups = {d: [_example(trainer, r) for r in trainer.records
+                      if r.extra.get("difficulty") == d] for d in ("easy", "hard")}
+        curve = []
+
+        def track(t, row, curve=curve, groups=groups):
+            if t.step % every == 0 or t.step == t.total_steps:
+                curve.append({"step": t.step, "loss": row["loss"],
+                              **{d: t.reward_margins(ex).mean().item() for d, ex in groups.items()}})
+
+        trainer.train(callback=track)
+        history[loss] = curve
+    (work / "history.json").write_text(json.dumps(history, indent=1))
+    return DemoResult(str(work), hard, bdhs, history, _table(history), _plot(history, work / "margins.png"))
+
+
+def _example(trainer, rec):
+    from .train import encode_pair
+
+    return encode_pair(rec, trainer.encoder, trainer.cfg.max_length)
+
+
+def _table(history: dict) -> str:
+    lines = ["| loss | steps | final loss | margin easy | margin hard | hard / easy |", "|---|---:|---:|---:|---:|---:|"]
+    for loss, curve in history.items():
+        if not curve:
+            continue
+        last = curve[-1]
+        ratio = last["hard"] / last["easy"] if last["easy"] else float("nan")
+        lines.append(f"| {loss} | {last['step']} | {last['loss']:.4f} | {last['easy']:.4f} | {last['hard']:.4f} | "
+                     f"{ratio:.2f} |")
     return "\n".join(lines)
+
+
+def _plot(history: dict, path: Path) -> str | None:
+    def draw(ax):
+        colours = {"dpo": "#4C72B0", "damo": "#C44E52"}
+        for loss, curve in history.items():
+            steps = [c["step"] for c in curve]
+            ax.plot(steps, [c["easy"] for c in curve], color=colours.get(loss), label=f"{loss} easy")
+            ax.plot(steps, [c["hard"] for c in curve], color=colours.get(loss), linestyle="--", label=f"{loss} hard")
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("reward margin β·(logr_w − logr_l)")
+        ax.set_title("Easy vs hard pairs under DPO and DAMO")
+        ax.legend()
+
+    return jobs.save_plot(path, draw)
+

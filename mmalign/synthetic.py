@@ -131,11 +131,12 @@ def save_tiny_llava(dir, tokenizer, **kwargs) -> str:
     return str(dir)
 
 
-def save_tiny_sentence_model(dir, tokenizer=None) -> str:
-    """A random sentence-transformers model (a 1-layer BERT + mean pooling) saved to ``dir``."""
+def save_tiny_sentence_model(dir, texts: list[str] | None = None) -> str:
+    """A random sentence-transformers model (a 1-layer BERT + mean pooling) saved to ``dir``, with its own
+    tokenizer (one that saved a processor would make sentence-transformers look for an image processor)."""
     from transformers import BertConfig, BertModel
 
-    tok = tokenizer or word_tokenizer()
+    tok = word_tokenizer(texts, image_token=None)
     torch.manual_seed(0)
     BertModel(BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                          intermediate_size=64, max_position_embeddings=128)).save_pretrained(dir)

@@ -5,7 +5,7 @@ import re
 import subprocess
 import sys
 
-from mmalign import cli, demo
+from mmalign import cli, ops_demo as demo
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 

@@ -225,6 +225,13 @@ class Trainer:
         with torch.no_grad():
             return pair_logps(self.reference, batch, zero3=False)
 
+    @torch.no_grad()
+    def reward_margins(self, examples: list[PairExample]) -> torch.Tensor:
+        """β·(logr_w - logr_l) per pair under the current policy (the implicit reward margin)."""
+        pc, pr = pair_logps(self.engine.module, examples, zero3=self.zero3)
+        rc, rr = self._reference_logps(examples)
+        return self.cfg.beta * ((pc.float() - rc.float()) - (pr.float() - rr.float()))
+
     def micro_step(self, batch: list[PairExample]) -> dict:
         pc, pr = pair_logps(self.engine.module, batch, zero3=self.zero3)
         rc, rr = self._reference_logps(batch)
@@ -245,8 +252,9 @@ class Trainer:
                 "kept": int(m.keep.sum()), "beta_mean": m.beta.mean().item(), "beta_min": m.beta.min().item(),
                 "beta_max": m.beta.max().item(), "running_mean": float(self.loss_fn.running_mean)}
 
-    def train(self) -> list[dict]:
-        """Run to ``total_steps`` (from the checkpoint when resuming); returns this run's metric rows."""
+    def train(self, callback=None) -> list[dict]:
+        """Run to ``total_steps`` (from the checkpoint when resuming); returns this run's metric rows.
+        ``callback(trainer, row)`` runs after every optimizer step (evaluation, early stopping: return True)."""
         from tqdm.auto import tqdm
 
         cfg, rows = self.cfg, []
@@ -272,6 +280,8 @@ class Trainer:
             bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['accuracy']:.2f}", refresh=False)
             if cfg.save_every and self.step % cfg.save_every == 0:
                 self.save_checkpoint()
+            if callback is not None and callback(self, row):
+                break
         bar.close()
         if not rows or not (cfg.save_every and self.step % cfg.save_every == 0):
             self.save_checkpoint()

@@ -43,4 +43,4 @@ def save_llava(dir, tok, dtype=torch.float32) -> str:
 
 def save_sentence_model(dir) -> str:
     """A tiny random sentence-transformers model (BERT from config + mean pooling) saved to ``dir``."""
-    return synthetic.save_tiny_sentence_model(dir, tokenizer())
+    return synthetic.save_tiny_sentence_model(dir, [WORDS])

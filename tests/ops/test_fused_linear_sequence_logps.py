@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import mmalign.functional as F
-from mmalign.demo import eager_sequence_logps
+from mmalign.ops_demo import eager_sequence_logps
 from mmalign.ops.fused_linear_sequence_logps import chunk_rows, fused_linear_token_logps_reference
 from mmalign.ops.sequence_logps import reduce_token_logps
 

@@ -5,7 +5,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import mmalign.functional as F
-from mmalign.demo import eager_sequence_logps
+from mmalign.ops_demo import eager_sequence_logps
 from mmalign.ops.sequence_logps import sequence_logps_reference, token_logps_reference
 
 from .._numerics import DEVICES, assert_low_precision, backends, cases
