@@ -225,6 +225,17 @@ def _add_train(sub) -> None:
     t.set_defaults(fn=_train)
 
 
+def _plot(args) -> int:
+    from .train.plot import DEFAULT_KEYS, plot_runs
+
+    try:
+        print(plot_runs(args.runs, args.out, args.keys.split(",") if args.keys else DEFAULT_KEYS))
+    except (ValueError, OSError) as e:
+        print(f"mmalign plot: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mmalign", description="Fused kernels for aligning multimodal LLMs (DAMO, BDHS).")
     sub = p.add_subparsers(dest="command", required=True)
@@ -251,6 +262,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_hardness(sub)
     _add_bdhs(sub)
     _add_train(sub)
+    pl = sub.add_parser("plot", help="curves of training runs (their metrics.jsonl) in one PNG")
+    pl.add_argument("runs", nargs="+", help="run directories or metrics.jsonl files")
+    pl.add_argument("--out", default="metrics.png")
+    pl.add_argument("--keys", help="comma-separated metrics (default: loss, margin, accuracy, alpha_m, beta_mean, kept)")
+    pl.set_defaults(fn=_plot)
     return p
 
 

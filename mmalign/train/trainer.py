@@ -68,6 +68,7 @@ class TrainConfig:
     save_every: int | None = None       # optimizer steps; a checkpoint is always written at the end
     resume: bool = True
     progress: bool = True
+    tensorboard: bool = True            # also log to OUTPUT/tensorboard when the tensorboard package is installed
 
     def validate(self) -> None:
         if self.loss not in LOSSES:
@@ -259,6 +260,7 @@ class Trainer:
 
         cfg, rows = self.cfg, []
         self.out.mkdir(parents=True, exist_ok=True)
+        writer = self._tensorboard()
         bar = tqdm(total=self.total_steps, initial=self.step, unit="step", desc="train",
                    disable=not cfg.progress or self.rank != 0, file=sys.stderr, dynamic_ncols=True)
         started = time.time()
@@ -276,6 +278,10 @@ class Trainer:
             if self.rank == 0 and self.step % cfg.log_every == 0:
                 with open(self.out / "metrics.jsonl", "a") as f:
                     f.write(json.dumps(row) + "\n")
+                if writer is not None:
+                    for key, value in row.items():
+                        if key != "step":
+                            writer.add_scalar(f"train/{key}", value, self.step)
             bar.update(1)
             bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['accuracy']:.2f}", refresh=False)
             if cfg.save_every and self.step % cfg.save_every == 0:
@@ -283,12 +289,23 @@ class Trainer:
             if callback is not None and callback(self, row):
                 break
         bar.close()
+        if writer is not None:
+            writer.close()
         if not rows or not (cfg.save_every and self.step % cfg.save_every == 0):
             self.save_checkpoint()
         if self.rank == 0 and rows:
             print(f"train: {len(rows)} steps in {time.time() - started:.1f} s, last loss {rows[-1]['loss']:.4f}",
                   file=sys.stderr)
         return rows
+
+    def _tensorboard(self):
+        if not self.cfg.tensorboard or self.rank != 0:
+            return None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:  # the tensorboard package is optional
+            return None
+        return SummaryWriter(str(self.out / "tensorboard"))
 
     # ------------------------------------------------------------------------------- checkpoints
     def save_checkpoint(self) -> None:

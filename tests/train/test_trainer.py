@@ -172,3 +172,16 @@ def test_precomputed_reference_and_cli(setup, tmp_path, capsys):
     config.write_text(json.dumps({"los": "dpo"}))
     assert main(["train", "--config", str(config)] + common) == 2
     assert "unknown keys ['los']" in capsys.readouterr().err
+
+
+def test_plot_command(tmp_path, capsys):
+    for name, losses in (("a", [0.7, 0.6, 0.5]), ("b", [0.7, 0.65, 0.62])):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.jsonl").write_text("".join(
+            json.dumps({"step": i + 1, "loss": x, "margin": 0.1 * i, "accuracy": 0.5}) + "\n" for i, x in enumerate(losses)))
+    out = tmp_path / "m.png"
+    assert main(["plot", str(tmp_path / "a"), str(tmp_path / "b" / "metrics.jsonl"), "--out", str(out)]) == 0
+    assert out.stat().st_size > 0
+    assert main(["plot", str(tmp_path / "a"), "--keys", "nope", "--out", str(out)]) == 2
+    assert main(["plot", str(tmp_path / "missing"), "--out", str(out)]) == 2
+    assert "no metrics" in capsys.readouterr().err
