@@ -170,7 +170,10 @@ def _train(args) -> int:
 
     flags = {k: getattr(args, k) for k in ("model", "data", "images", "output_dir", "deepspeed", "zero_stage", "loss",
                                            "beta", "lr", "epochs", "max_steps", "micro_batch_size", "grad_accum",
-                                           "max_length", "reference", "seed", "save_every", "prompt_template")}
+                                           "max_length", "reference", "seed", "save_every", "prompt_template",
+                                           "averaged_gamma", "mixed_p", "similarity_model")}
+    if args.online_bdhs:
+        flags["online_bdhs"] = {"mode": args.online_bdhs}
     flags.update({k: True for k in ("bf16", "gradient_checkpointing", "offload_optimizer") if getattr(args, k)})
     if args.no_progress:
         flags["progress"] = False
@@ -218,6 +221,11 @@ def _add_train(sub) -> None:
     t.add_argument("--prompt-template")
     t.add_argument("--seed", type=int)
     t.add_argument("--save-every", type=int)
+    t.add_argument("--online-bdhs", choices=("attn", "noise", "both", "none", "povid"),
+                   help="the averaged loss (Eq. 5) with rejected responses generated online by BDHS in this mode")
+    t.add_argument("--averaged-gamma", type=float, help="gamma of Eq. 5 (default 0.5)")
+    t.add_argument("--mixed-p", type=float, help="Mixed-DPO (Eq. 4): probability of keeping the offline pair")
+    t.add_argument("--similarity-model", help="sentence-transformers model: BDHS gate, Mixed-DPO's default ranker")
     t.add_argument("--no-progress", action="store_true")
     t.add_argument("--precompute-reference", metavar="OUT",
                    help="instead of training: write the data with reference log-probs to OUT (.jsonl)")

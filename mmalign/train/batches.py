@@ -9,6 +9,7 @@ path runs the head as a module on the response positions and then the fused log-
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -32,6 +33,7 @@ class PairExample:
     alpha_d: float | None = None
     ref_chosen: float | None = None
     ref_rejected: float | None = None
+    chosen: str = ""               # the texts, for generating new rejected responses online
 
 
 def encode_pair(rec: data.PairRecord, encoder: PromptEncoder, max_length: int) -> PairExample:
@@ -43,8 +45,7 @@ def encode_pair(rec: data.PairRecord, encoder: PromptEncoder, max_length: int) -
     if room < 1:
         raise data.RecordError(rec.index, rec.line, rec.id,
                                f"the prompt takes {len(pair.prompt_ids)} tokens, max_length is {max_length}")
-    eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
-    ids = [(tok(t, add_special_tokens=False)["input_ids"] + eos)[:room] for t in (rec.chosen, rec.rejected)]
+    ids = [response_ids(t, tok, room) for t in (rec.chosen, rec.rejected)]
     extra = rec.extra
 
     def num(key):
@@ -52,7 +53,23 @@ def encode_pair(rec: data.PairRecord, encoder: PromptEncoder, max_length: int) -
         return None if v is None else float(v)
 
     return PairExample(rec.index, rec.id, pair.prompt_ids, pair.image_inputs, ids[0], ids[1], num("alpha_d"),
-                       num("ref_chosen_logp"), num("ref_rejected_logp"))
+                       num("ref_chosen_logp"), num("ref_rejected_logp"), rec.chosen)
+
+
+def response_ids(text: str, tokenizer, room: int) -> list:
+    """A response's tokens, EOS-terminated, cut to ``room`` tokens."""
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    return (tokenizer(text, add_special_tokens=False)["input_ids"] + eos)[:room]
+
+
+def with_responses(ex: PairExample, tokenizer, max_length: int, *, chosen: str | None = None,
+                   rejected: str | None = None) -> PairExample:
+    """The same pair with other responses (generated online: BDHS, Mixed-DPO); reference log-probs dropped."""
+    room = max_length - len(ex.prompt_ids)
+    return dataclasses.replace(
+        ex, chosen_ids=ex.chosen_ids if chosen is None else response_ids(chosen, tokenizer, room),
+        rejected_ids=ex.rejected_ids if rejected is None else response_ids(rejected, tokenizer, room),
+        chosen=ex.chosen if chosen is None else chosen, ref_chosen=None, ref_rejected=None)
 
 
 def _sequences(model, examples: list[PairExample]):

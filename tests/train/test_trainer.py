@@ -185,3 +185,59 @@ def test_plot_command(tmp_path, capsys):
     assert main(["plot", str(tmp_path / "a"), "--keys", "nope", "--out", str(out)]) == 2
     assert main(["plot", str(tmp_path / "missing"), "--out", str(out)]) == 2
     assert "no metrics" in capsys.readouterr().err
+
+
+def test_averaged_loss_with_online_bdhs(setup, tmp_path):
+    pytest.importorskip("sentence_transformers")
+    from mmalign import synthetic
+
+    root, model_dir = setup
+    st = synthetic.save_tiny_sentence_model(tmp_path / "st")
+    online = dict(max_new_tokens=3, tries=1, rho_th=0.9)
+    with pytest.raises(ValueError, match="reference='model'"):
+        TrainConfig(model=model_dir, data="x", reference="precomputed", online_bdhs=online).validate()
+    cfg = _cfg(root, model_dir, tmp_path / "a", zero_stage=2, online_bdhs=online, similarity_model=st, max_steps=2)
+    trainer = Trainer(cfg)
+    generated = []
+    real = trainer._online_rejected
+
+    def spy(batch, k):
+        out = real(batch, k)
+        generated.extend((b.rejected_ids, o.rejected_ids) for b, o in zip(batch, out))
+        return out
+
+    trainer._online_rejected = spy
+    rows = trainer.train()
+    assert len(rows) == 2 and len(generated) == 8 and any(a != b for a, b in generated)
+    assert trainer.engine.module.training  # generation left the policy in train mode
+    # with ỹ- = y- both terms of Eq. 5 are the same loss: the averaged loss equals the offline one
+    same = Trainer(_cfg(root, model_dir, tmp_path / "b", zero_stage=2, online_bdhs=online, similarity_model=st,
+                        averaged_gamma=0.3))
+    same._online_rejected = lambda batch, k: batch
+    plain = Trainer(_cfg(root, model_dir, tmp_path / "c", zero_stage=2))
+    assert same.train()[0]["loss"] == pytest.approx(plain.train()[0]["loss"], rel=1e-6)
+
+
+def test_mixed_dpo(setup, tmp_path):
+    root, model_dir = setup
+    with pytest.raises(ValueError, match="mixed_p"):
+        TrainConfig(model=model_dir, data="x", reference="model", mixed_p=1.5).validate()
+    calls = []
+
+    def ranker(example, texts):  # an annotator that prefers the longer answer
+        calls.append(texts)
+        return int(len(texts[1]) > len(texts[0]))
+
+    cfg = _cfg(root, model_dir, tmp_path / "m", zero_stage=2, mixed_p=0.5, mixed_max_new_tokens=4, max_steps=2)
+    trainer = Trainer(cfg, ranker=ranker)
+    batch = trainer.micro_batch(0)
+    mixed = trainer._mixed(batch, 0)
+    again = trainer._mixed(batch, 0)
+    online = [m for m, b in zip(mixed, batch) if m.chosen_ids != b.chosen_ids]
+    assert 0 < len(calls) == 2 * len(online) <= 8 and all(len(t) == 2 for t in calls)  # two _mixed calls
+    assert [m.chosen_ids for m in mixed] == [m.chosen_ids for m in again]  # draws depend on (seed, k, pair) only
+    for m in online:
+        assert m.ref_chosen is None and m.chosen_ids[-1] == trainer.encoder.tokenizer.eos_token_id
+    assert len(trainer.train()) == 2
+    offline = Trainer(_cfg(root, model_dir, tmp_path / "o", zero_stage=2, mixed_p=1.0), ranker=ranker)
+    assert [m.chosen_ids for m in offline._mixed(batch, 0)] == [b.chosen_ids for b in batch]
