@@ -1,0 +1,73 @@
+"""mmalign inside TRL: :class:`DAMODPOTrainer` is TRL's ``DPOTrainer`` whose loss is
+:class:`mmalign.nn.DAMOLoss` (presets dpo, d2po, mdpo, damo; loss types sigmoid, ipo, hinge; the
+official and paper variants) and whose log-probs come from mmalign's fused op
+(:func:`mmalign.integrations.hf.patch_sequence_logps`). Everything else (data processing, the
+Trainer loop, accelerate/DeepSpeed, logging) is TRL's.
+
+    trainer = DAMODPOTrainer(model=model, ref_model=ref, args=DPOConfig(...), train_dataset=ds,
+                             processing_class=tokenizer, damo_loss=DAMOLoss(beta=0.1, preset="damo"))
+    trainer.train()
+
+Notes: α_D is not used here (TRL's collator drops extra columns; use ``mmalign train`` for d2po/damo with
+data hardness); TRL's own loss options (``loss_type``, ``f_divergence_type``, ``ld_alpha``) are ignored in
+favour of ``damo_loss``; the reference comes from ``ref_model`` or ``precompute_ref_log_probs=True``.
+Written against TRL 1.x, whose ``DPOTrainer._compute_loss(model, inputs, return_outputs)`` this overrides.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..nn import DAMOLoss
+from .hf import patch_sequence_logps
+
+try:
+    from trl import DPOTrainer
+except ImportError as e:  # pragma: no cover - the integration is optional
+    raise ImportError("mmalign.integrations.trl needs TRL: pip install trl") from e
+
+_NOT_MODEL = {"completion_mask", "ref_chosen_logps", "ref_rejected_logps"}
+
+
+class DAMODPOTrainer(DPOTrainer):
+    def __init__(self, *args, damo_loss: DAMOLoss | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.damo_loss = (damo_loss or DAMOLoss(beta=self.beta, preset="damo")).to(self.accelerator.device)
+        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        patch_sequence_logps(base)  # on top of TRL's fused head: ours answers fused_lm_head=True
+        if self.ref_model is not None:
+            patch_sequence_logps(self.ref_model)
+
+    def _sequence_logps(self, model, inputs):
+        kwargs = {k: v for k, v in inputs.items() if k not in _NOT_MODEL}
+        kwargs["use_cache"] = False
+        labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)
+        return model(**kwargs, labels=labels, fused_lm_head=True).logps.chunk(2)  # batch is [chosen; rejected]
+
+    def _compute_loss(self, model, inputs, return_outputs):
+        mode = "train" if self.model.training else "eval"
+        chosen, rejected = self._sequence_logps(model, inputs)
+        if self.precompute_ref_logps:
+            ref_chosen, ref_rejected = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
+        elif self.ref_model is not None:
+            with torch.no_grad():
+                ref_chosen, ref_rejected = self._sequence_logps(self.ref_model, inputs)
+        else:
+            raise ValueError("DAMODPOTrainer needs a reference: pass ref_model, or precompute_ref_log_probs=True "
+                             "(a PEFT model's disabled adapters are not used as the reference here)")
+        self.damo_loss.train(mode == "train")  # eval batches use the running mean without updating it
+        out = self.damo_loss(chosen.float(), rejected.float(), ref_chosen.float(), ref_rejected.float())
+        world = self.accelerator.num_processes
+        loss = out.loss * world  # each rank holds its share of the global loss; gradients are averaged over ranks
+        m, gather = out.metrics, self.accelerator.gather_for_metrics
+        metrics = self._metrics[mode]
+        metrics["rewards/chosen"].append(gather(m.chosen_rewards).mean().item())
+        metrics["rewards/rejected"].append(gather(m.rejected_rewards).mean().item())
+        metrics["rewards/margins"].append(gather(m.margins).mean().item())
+        metrics["rewards/accuracies"].append(gather(m.accuracies.float()).mean().item())
+        metrics["logps/chosen"].append(gather(chosen.detach()).mean().item())
+        metrics["logps/rejected"].append(gather(rejected.detach()).mean().item())
+        metrics["damo/alpha_m"].append(float(m.alpha_m))
+        metrics["damo/kept"].append(int(m.keep.sum()))
+        metrics["damo/beta_mean"].append(m.beta.mean().item())
+        metrics["damo/running_mean"].append(float(self.damo_loss.running_mean))
+        return (loss, out) if return_outputs else loss
