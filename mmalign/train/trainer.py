@@ -133,9 +133,16 @@ def deepspeed_config(cfg: TrainConfig) -> dict:
         del ds["train_batch_size"]  # DeepSpeed derives it from the two above and the world size
     if isinstance(ds.get("bf16"), dict) and ds["bf16"].get("enabled") == "auto":
         ds["bf16"]["enabled"] = cfg.bf16
-    ds.setdefault("zero_allow_untested_optimizer", True)  # the optimizer is torch's AdamW
+    ds.setdefault("zero_allow_untested_optimizer", True)  # the optimizer is torch's AdamW ...
+    if _offloads(ds) and not torch.cuda.is_available():
+        ds.setdefault("zero_force_ds_cpu_optimizer", False)  # ... also offloaded on a CPU-only machine
     ds.setdefault("steps_per_print", 10**9)
     return ds
+
+
+def _offloads(ds: dict) -> bool:
+    device = (ds.get("zero_optimization", {}).get("offload_optimizer") or {}).get("device", "none")
+    return device not in (None, "none")
 
 
 def _init_distributed():
@@ -222,7 +229,12 @@ class Trainer:
         import deepspeed
 
         params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+        if _offloads(self.ds_config) and torch.cuda.is_available():  # ZeRO-Offload's own CPU Adam (compiled once)
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+            optimizer = DeepSpeedCPUAdam(params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay, adamw_mode=True)
+        else:
+            optimizer = torch.optim.AdamW(params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
         warm = self.cfg.warmup_steps
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
