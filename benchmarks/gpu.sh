@@ -3,16 +3,20 @@
 # build mmalign._C in place against that torch, run the whole test suite (GPU tests included) and the
 # benchmarks, and leave one report folder to commit under benchmarks/results/.
 #
-#   benchmarks/gpu.sh [OUT_DIR] [--quick]
+#   benchmarks/gpu.sh [OUT_DIR] [--quick] [--tests-only | --bench-only]
 #
-# Nothing is downloaded; missing optional packages skip their benchmarks. Exit code: that of the tests.
+# Nothing is downloaded; missing optional packages skip their tests and benchmarks. Exit code: that of the
+# tests (or of the benchmarks with --bench-only). The whole run can take longer than one 10-minute device
+# call: run --tests-only and --bench-only as two calls into the same OUT_DIR.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 QUICK=""
 OUT=""
+TESTS=1
+BENCH=1
 for a in "$@"; do
-  case "$a" in --quick) QUICK="--quick" ;; *) OUT="$a" ;; esac
+  case "$a" in --quick) QUICK="--quick" ;; --tests-only) BENCH=0 ;; --bench-only) TESTS=0 ;; *) OUT="$a" ;; esac
 done
 gpu=$($PY -c "import torch; print(torch.cuda.get_device_name().replace(' ', '-') if torch.cuda.is_available() else 'no-gpu')")
 OUT=${OUT:-benchmarks/results/${gpu}-$(date -u +%Y-%m-%d)}
@@ -33,12 +37,17 @@ fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 $PY -m mmalign env | tee "$OUT/env.txt"
 
-echo "== tests (log: $OUT/tests.txt)"
-$PY -m pytest tests -v -p no:cacheprovider 2>&1 | tee "$OUT/tests.txt" | tail -15
-test_rc=${PIPESTATUS[0]}
-
-echo "== benchmarks"
-(cd benchmarks && $PY -m pytest bench_*.py -q -p no:cacheprovider --bench-device cuda $QUICK \
-    --benchmark-json "$OUT/bench.json" --benchmark-columns=median,iqr,rounds 2>&1 | tail -5)
-$PY benchmarks/report.py "$OUT/bench.json" --out "$OUT" --commit "$commit" > /dev/null && cat "$OUT/report.md"
-exit "$test_rc"
+rc=0
+if [ "$TESTS" = 1 ]; then
+  echo "== tests (log: $OUT/tests.txt)"
+  $PY -m pytest tests -v -p no:cacheprovider 2>&1 | tee "$OUT/tests.txt" | tail -15
+  rc=${PIPESTATUS[0]}
+fi
+if [ "$BENCH" = 1 ]; then
+  echo "== benchmarks (mmalign bench -> $OUT/bench)"
+  MMALIGN_COMMIT="$commit" $PY -m mmalign bench --bench-device cuda $QUICK --out "$OUT/bench" > "$OUT/bench.log" 2>&1
+  bench_rc=$?
+  tail -5 "$OUT/bench.log"; cat "$OUT/bench/report.md" 2>/dev/null
+  [ "$TESTS" = 1 ] || rc=$bench_rc
+fi
+exit "$rc"

@@ -75,7 +75,15 @@ def build(paths, commit_id: str | None = None) -> tuple[str, dict]:
     return "\n".join(lines), ratios
 
 
-def plot(paths, out: pathlib.Path) -> list[str]:
+def caption(paths, commit_id: str | None = None) -> str:
+    """device, versions, date and commit in one line (for figures)."""
+    benches, machine, commit, when = _load(paths)
+    first = benches[0]["extra_info"] if benches else {}
+    return (f"{first.get('device', '?')} | {first.get('versions', '?')} | {when[:19]} | "
+            f"commit {commit_id or commit.get('id', '?')[:12]}")
+
+
+def plot(paths, out: pathlib.Path, caption_text: str = "") -> list[str]:
     try:
         import matplotlib
 
@@ -107,6 +115,8 @@ def plot(paths, out: pathlib.Path) -> list[str]:
         ax.set_yticklabels(names if ax is axes[0] else [""] * len(names), fontsize=7)
         ax.set_xlabel(label)
     axes[1].legend(fontsize=7)
+    if caption_text:
+        fig.suptitle(caption_text, fontsize=8)
     fig.tight_layout()
     path = out / "bench.png"
     fig.savefig(path, dpi=110)
@@ -124,7 +134,7 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     text, _ = build(args.json, args.commit)
     (out / "report.md").write_text(text)
-    plot(args.json, out)
+    plot(args.json, out, caption(args.json, args.commit))
     print(text)
 
 

@@ -244,6 +244,20 @@ def _plot(args) -> int:
     return 0
 
 
+def _bench(args) -> int:
+    from . import bench
+
+    try:
+        out = bench.run(args.ops.split(",") if args.ops else None, quick=args.quick, out=args.out,
+                        device=args.bench_device)
+    except (ValueError, OSError, RuntimeError) as e:
+        print(f"mmalign bench: {e}", file=sys.stderr)
+        return 2
+    print((out / "report.md").read_text())
+    print(f"report folder: {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mmalign", description="Fused kernels for aligning multimodal LLMs (DAMO, BDHS).")
     sub = p.add_subparsers(dest="command", required=True)
@@ -270,6 +284,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_hardness(sub)
     _add_bdhs(sub)
     _add_train(sub)
+    from .bench import SUITES
+
+    bn = sub.add_parser("bench", help="benchmark suites vs eager PyTorch -> a report folder (Markdown, JSON, PNG)")
+    bn.add_argument("--ops", help=f"comma-separated, among {','.join(SUITES)} (default: all)")
+    bn.add_argument("--quick", action="store_true", help="smallest shapes and fewest rounds (about a minute on a CPU)")
+    bn.add_argument("--out", default="bench-report")
+    bn.add_argument("--bench-device", help="cpu or cuda (default: cuda when available)")
+    bn.set_defaults(fn=_bench)
     pl = sub.add_parser("plot", help="curves of training runs (their metrics.jsonl) in one PNG")
     pl.add_argument("runs", nargs="+", help="run directories or metrics.jsonl files")
     pl.add_argument("--out", default="metrics.png")
