@@ -26,6 +26,7 @@ def sentence_by_sentence(engine: BDHSEngine, masked_model, pair: PairInput, try_
     """Generated tokens of every sentence of one try (``masked_model``: the engine's model with
     ``attn_implementation="mmalign_masked"``). Greedy decoding gives exactly the engine's tokens."""
     d = engine.draw(pair, try_index)
+    cfg = engine.config
     out = []
     for k, (start, head_end) in enumerate(d.spans):
         if d.plan.swapped[k]:
@@ -35,10 +36,12 @@ def sentence_by_sentence(engine: BDHSEngine, masked_model, pair: PairInput, try_
         keep = torch.ones(1, len(prefix), dtype=torch.bool, device=d.keep.device)
         n = min(len(prefix), d.keep.shape[1])
         keep[:, :n] = d.keep[:, :n]
-        cfg = engine.config
         from transformers import StoppingCriteriaList
 
-        with hf.hidden_keys(keep):
+        scope = None
+        if cfg.scope == "text" and engine.image_token is not None:  # only text queries lose the hidden keys
+            scope = torch.tensor([prefix], device=keep.device) != engine.image_token
+        with hf.hidden_keys(keep, scope):
             gen = masked_model.generate(
                 input_ids=torch.tensor([prefix], device=d.ids.device), **d.image_inputs,
                 do_sample=False, max_new_tokens=cfg.max_new_tokens, eos_token_id=sorted(engine.eos) or None,

@@ -22,11 +22,12 @@ model's prediction given y+_<t).
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 import torch
 
-from ..attention import compact_image_tokens, sample_image_keep
+from ..attention import compact_image_tokens, hf, sample_image_keep
 from . import text as T
 from .noise import add_noise
 from .vlm import decoder_and_head, image_token_id, merged_embeddings
@@ -48,8 +49,13 @@ class BDHSConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     seed: int = 0
+    scope: str = "all"               # "all": hidden image keys are hidden from every query (exact compaction);
+    #                                  "text": only text queries lose them (image queries see every image token:
+    #                                  the masked attention kernel on the full sequence)
 
     def __post_init__(self):
+        if self.scope not in ("all", "text"):
+            raise ValueError(f"scope: expected 'all' or 'text', got {self.scope!r}")
         if self.mode not in MODES:
             raise ValueError(f"mode: expected one of {MODES}, got {self.mode!r}")
         if not 0.0 <= self.rho_th <= 1.0:
@@ -110,6 +116,7 @@ class _Row:
     generator: torch.Generator | None
     first_logits: torch.Tensor | None = None
     generated: list = field(default_factory=list)
+    keep: torch.Tensor | None = None  # scope="text": which of the cache_len context keys stay visible
 
 
 class SentenceSimilarity:
@@ -183,13 +190,28 @@ class BDHSEngine:
 
     def complete_rows(self, pairs: list[PairInput], try_index: int, unguided: bool = False) -> list:
         """The decoded rows (one per sentence, or per pair when unguided), with their generated tokens."""
-        rows, caches = [], []
-        for j, pair in enumerate(pairs):
-            pair_rows, cache = self._prefill(j, pair, try_index, unguided)
-            rows += pair_rows
-            caches.append(cache)
-        self._decode(rows, caches)
+        with self._attention():
+            rows, caches = [], []
+            for j, pair in enumerate(pairs):
+                pair_rows, cache = self._prefill(j, pair, try_index, unguided)
+                rows += pair_rows
+                caches.append(cache)
+            self._decode(rows, caches)
         return rows
+
+    @contextlib.contextmanager
+    def _attention(self):
+        """scope="text" runs the model with attn_implementation="mmalign_masked" (restored afterwards)."""
+        if self.config.scope != "text":
+            yield
+            return
+        hf.register()
+        before = self.model.config._attn_implementation
+        self.model.set_attn_implementation(hf.NAME)
+        try:
+            yield
+        finally:
+            self.model.set_attn_implementation(before)
 
     # ------------------------------------------------------------------------------------ prefill
     def _ids(self, text: str) -> list:
@@ -232,16 +254,24 @@ class BDHSEngine:
         d = self.draw(pair, try_index, unguided)
         rng, image_inputs, plan, ids, keep, n_prompt = d.rng, d.image_inputs, d.plan, d.ids, d.keep, d.prompt_len
         embeds = merged_embeddings(self.model, ids, image_inputs)
-        c = compact_image_tokens(embeds, keep)
-        out = self.decoder(inputs_embeds=c.inputs_embeds, position_ids=c.position_ids, use_cache=True)
+        if cfg.scope == "text":  # the full sequence; text queries lose the hidden image keys, image queries do not
+            scope = ids != self.image_token if self.image_token is not None else torch.ones_like(keep)
+            with hf.hidden_keys(keep, scope):
+                out = self.decoder(inputs_embeds=embeds, use_cache=True)
+            kept_before = list(range(ids.shape[1] + 1))
+        else:
+            c = compact_image_tokens(embeds, keep)
+            out = self.decoder(inputs_embeds=c.inputs_embeds, position_ids=c.position_ids, use_cache=True)
+            kept_before = torch.nn.functional.pad(keep[0].long().cumsum(0), (1, 0)).tolist()
         hidden, cache = out.last_hidden_state[0], out.past_key_values
-        kept_before = torch.nn.functional.pad(keep[0].long().cumsum(0), (1, 0)).tolist()
         rows = []
 
         def row(prefix: int, forced: list, head_ids: list, head: str, stop: bool, max_new: int):
             n = kept_before[prefix]
             g = torch.Generator().manual_seed(rng.getrandbits(63)) if cfg.do_sample else None
             r = _Row(j, n, prefix, forced, head_ids, head, stop, max_new, g)
+            if cfg.scope == "text":
+                r.keep = keep[0, :prefix]
             if not forced:
                 r.first_logits = self.head(hidden[n - 1]).float()
             rows.append(r)
@@ -323,38 +353,46 @@ class BDHSEngine:
         if not active:
             return
         cache, mask = self._batch_cache(rows, caches)
+        keep = None
+        if rows[0].keep is not None:  # scope="text": the hidden keys of every row, aligned with its padded cache
+            keep = torch.zeros_like(mask, dtype=torch.bool)
+            for i, r in enumerate(rows):
+                keep[i, mask.shape[1] - r.cache_len:] = r.keep
         sel = torch.tensor(active, dtype=torch.long)
         if len(active) < len(rows):
             cache.batch_select_indices(sel.to(mask.device))
         mask = mask[sel]
+        keep = keep[sel.to(mask.device)] if keep is not None else None
         device = mask.device
         while active:
             ids = torch.tensor(nxt, device=device)[:, None]
             pos = torch.tensor([rows[i].next_pos + fed[i] for i in active], device=device)[:, None]
             mask = torch.cat([mask, torch.ones(len(active), 1, dtype=mask.dtype, device=device)], 1)
-            out = self.decoder(input_ids=ids, past_key_values=cache, attention_mask=mask, position_ids=pos,
-                               use_cache=True)
+            with hf.hidden_keys(keep):
+                out = self.decoder(input_ids=ids, past_key_values=cache, attention_mask=mask, position_ids=pos,
+                                   use_cache=True)
             cache = out.past_key_values
             logits = self.head(out.last_hidden_state[:, -1]).float()
-            keep, nxt = [], []
+            keep_rows, nxt = [], []
             for a, i in enumerate(active):
                 r = rows[i]
                 fed[i] += 1
                 if fed[i] < len(r.forced):
                     nxt.append(r.forced[fed[i]])
-                    keep.append(a)
+                    keep_rows.append(a)
                     continue
                 tok = self._choose(logits[a], r)
                 r.generated.append(tok)
                 if not self._stops(tok, r):
                     nxt.append(tok)
-                    keep.append(a)
-            if len(keep) < len(active):  # finished rows leave the batch and their cache rows go
-                idx = torch.tensor(keep, dtype=torch.long, device=device)
-                if keep:
+                    keep_rows.append(a)
+            if len(keep_rows) < len(active):  # finished rows leave the batch and their cache rows go
+                idx = torch.tensor(keep_rows, dtype=torch.long, device=device)
+                if keep_rows:
                     cache.batch_select_indices(idx)
                 mask = mask[idx]
-            active = [active[a] for a in keep]
+                keep = keep[idx] if keep is not None else None
+            active = [active[a] for a in keep_rows]
 
     def _tail(self, row: _Row) -> str:
         """The generated text of a row, after its head, cut at the first full stop for guided rows."""

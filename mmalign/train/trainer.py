@@ -183,6 +183,8 @@ class Trainer:
         self.ds_config = deepspeed_config(cfg)
         self.zero3 = int(self.ds_config.get("zero_optimization", {}).get("stage", 0)) == 3
         self.engine = self._engine(model)
+        if self.reference is not None and self.zero3:
+            self.reference = self._sharded_reference(self.reference)
         self.ranker = ranker
         if cfg.mixed_p is not None and ranker is None:
             from ..bdhs import SentenceSimilarity
@@ -241,6 +243,17 @@ class Trainer:
                                                config=self.ds_config)
         return engine
 
+    def _sharded_reference(self, reference):
+        """Under ZeRO-3 the frozen reference is partitioned too (an inference-only DeepSpeed engine), so no rank
+        holds a full copy; its parameters are gathered module by module as it runs."""
+        import deepspeed
+
+        ds = {k: v for k, v in self.ds_config.items() if k in ("train_micro_batch_size_per_gpu", "bf16", "fp16",
+                                                                  "gradient_accumulation_steps")}
+        ds["zero_optimization"] = {"stage": 3}
+        engine, _, _, _ = deepspeed.initialize(model=reference, config=ds)
+        return engine.module.eval()
+
     @property
     def micro_batches_per_epoch(self) -> int:
         return len(self.records) // (self.cfg.micro_batch_size * self.world)
@@ -264,7 +277,7 @@ class Trainer:
             t = lambda xs: torch.tensor(xs, dtype=torch.float32, device=self.device)  # noqa: E731
             return t([e.ref_chosen for e in batch]), t([e.ref_rejected for e in batch])
         with torch.no_grad():
-            return pair_logps(self.reference, batch, zero3=False)
+            return pair_logps(self.reference, batch, zero3=self.zero3)
 
     @torch.no_grad()
     def reward_margins(self, examples: list[PairExample]) -> torch.Tensor:

@@ -38,11 +38,11 @@ def _alone(engine, masked, pair, try_index):
     return engine.draw(pair, try_index), sentence_by_sentence(engine, masked, pair, try_index)
 
 
-@pytest.mark.parametrize("mode", ["attn", "both", "none"])
-def test_shared_prefix_batch_equals_each_sentence_alone(setup, mode):
+@pytest.mark.parametrize("mode, scope", [("attn", "all"), ("both", "all"), ("none", "all"), ("attn", "text")])
+def test_shared_prefix_batch_equals_each_sentence_alone(setup, mode, scope):
     tok, model, masked, pairs = setup
     engine = BDHSEngine(model, tok, _sim(0.0), BDHSConfig(mode=mode, rho_th=0.6, max_new_tokens=6, swap_p=0.5,
-                                                          seed=3))
+                                                          seed=3, scope=scope))
     rows = engine.complete_rows(pairs, try_index=1)
     swapped = 0
     for j, pair in enumerate(pairs):
@@ -57,6 +57,10 @@ def test_shared_prefix_batch_equals_each_sentence_alone(setup, mode):
         swapped += sum(d.plan.swapped)
     if mode == "attn":
         assert swapped >= 1  # the yes/no rows (fed their swapped head first) are covered
+    if scope == "text":
+        assert model.config._attn_implementation == "sdpa"  # restored after the masked-kernel run
+        plain = BDHSEngine(model, tok, _sim(0.0), BDHSConfig(mode=mode, rho_th=0.6, max_new_tokens=6, swap_p=0.5, seed=3))
+        assert [r.generated for r in plain.complete_rows(pairs, 1)] != [r.generated for r in rows]
 
 
 def test_forced_swapped_heads_match_alone(setup):
