@@ -279,3 +279,31 @@ def test_example_configs_load(tmp_path):
         assert ds["train_micro_batch_size_per_gpu"] == cfg.micro_batch_size
     for path in sorted(examples.glob("deepspeed/*.json")):
         assert "zero_optimization" in json.loads(path.read_text())
+
+
+def test_pair_logps_on_llava_next(rng):
+    """LLaVA-1.6 (AnyRes tiles, image_sizes) goes through the same path: equal to the eager log-probs."""
+    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
+
+    from mmalign.train import PairExample
+
+    tok = M.tokenizer()
+    text = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=32,
+                  patch_size=8)
+    image = tok.convert_tokens_to_ids("<image>")
+    cfg = LlavaNextConfig(vision_config=vision, text_config=text, image_token_id=image,
+                          image_grid_pinpoints=[[32, 32], [32, 64], [64, 32]], vision_feature_layer=-1)
+    torch.manual_seed(0)
+    model = LlavaNextForConditionalGeneration(cfg).double()
+    examples = []
+    for i, size in enumerate(([32, 64], [64, 32])):
+        px, sizes = torch.randn(1, 3, 3, 32, 32, generator=rng, dtype=torch.float64), torch.tensor([size])
+        n = model.model.get_image_features(pixel_values=px, image_sizes=sizes).pooler_output[0].shape[0]
+        prompt = M.prompt_ids(tok, "Describe the image .", n)
+        resp = lambda k: torch.randint(4, image, (k,), generator=rng).tolist() + [tok.eos_token_id]  # noqa: E731
+        examples.append(PairExample(i, f"p{i}", prompt, {"pixel_values": px, "image_sizes": sizes}, resp(5 + i), resp(7)))
+    pc, pr = pair_logps(model, examples)
+    ec, er = _eager_logps(model, examples)
+    torch.testing.assert_close(torch.stack([pc, pr]), torch.stack([ec, er]), rtol=1e-10, atol=1e-10)
