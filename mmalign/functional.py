@@ -148,7 +148,10 @@ def _check_pair_inputs(logps, beta, running_mean, alpha_d, weights, check_inputs
             named.append((name, t))
     if check_inputs:
         # one fused test and one host synchronization; the slow search for the culprit only on failure
-        ok = torch.isfinite(torch.cat([t.detach().reshape(-1).to(torch.float64) for _, t in named])).all()
+        flat = [t.detach().reshape(-1) for _, t in named]
+        if len({t.dtype for t in flat}) > 1:
+            flat = [t.to(torch.float64) for t in flat]
+        ok = torch.isfinite(torch.cat(flat)).all()
         if isinstance(beta, torch.Tensor):
             ok = ok & (beta > 0).all()
         if not bool(ok):
