@@ -10,7 +10,7 @@ variant) lose the hidden keys. Padding is expressed the same way (padded keys no
 with no visible key gets 0 (it cannot happen in causal LM use: the first token always sees itself).
 
 Shapes: q (B, Hq, Tq, D), k and v (B, Hkv, Tk, D) with Hq a multiple of Hkv (GQA/MQA); key_keep
-(B, Tk) bool; query_scope (B, Tq) bool. D up to 256 (64, 80, 96, 128 are the LLM sizes).
+(B, Tk) bool, or packed (B, ceil(Tk/8)) uint8 (:func:`pack_keep`); query_scope (B, Tq) bool. D up to 256 (64, 80, 96, 128 are the LLM sizes).
 
 The Triton kernel (FlashAttention-2 style, online softmax in fp32) visits only kept keys: for query
 blocks whose queries are all scoped (always, without ``query_scope``) it walks a per-sample list of
@@ -217,6 +217,19 @@ def merge_splits(out: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------------- public
+def pack_keep(keep: torch.Tensor) -> torch.Tensor:
+    """(B, T) bool -> (B, ceil(T/8)) uint8, bit j % 8 of byte j // 8 (little-endian) set when key j is kept."""
+    B, T = keep.shape
+    bits = torch.nn.functional.pad(keep.to(torch.uint8), (0, (-T) % 8)).view(B, -1, 8)
+    return (bits << torch.arange(8, dtype=torch.uint8, device=keep.device)).sum(-1, dtype=torch.uint8)
+
+
+def unpack_keep(packed: torch.Tensor, length: int) -> torch.Tensor:
+    """The inverse of :func:`pack_keep`: (B, ceil(length/8)) uint8 -> (B, length) bool."""
+    shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
+    return ((packed[..., None] >> shifts) & 1).reshape(packed.shape[0], -1)[:, :length].bool()
+
+
 def _check(q, k, v, key_keep, query_scope):
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
@@ -256,6 +269,11 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, key_k
     is needed the automatic choice is the reference. ``num_splits`` forces the split-KV decode path."""
     from .. import _dispatch
 
+    if isinstance(key_keep, torch.Tensor) and key_keep.dtype == torch.uint8:  # a packed bitmask
+        want = (q.shape[0], (k.shape[2] + 7) // 8)
+        if tuple(key_keep.shape) != want:
+            raise ValueError(f"key_keep: a packed uint8 bitmask must have shape {want}, got {tuple(key_keep.shape)}")
+        key_keep = unpack_keep(key_keep, k.shape[2])
     _check(q, k, v, key_keep, query_scope)
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     if backend is None and needs_grad:

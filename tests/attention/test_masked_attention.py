@@ -149,3 +149,18 @@ def test_split_heuristic_on_gpu(rng):
     out = masked_attention_triton(q, k, v, keep)
     ref = _ref(q, k, v, keep, None)
     assert_low_precision(out, ref, masked_attention_reference(q, k, v, keep), 1e-3, "decode bf16")
+
+
+def test_packed_bitmask(rng):
+    from mmalign.attention.masked import pack_keep, unpack_keep
+
+    keep = torch.rand(3, 29, generator=rng) < 0.4
+    packed = pack_keep(keep)
+    assert packed.dtype == torch.uint8 and packed.shape == (3, 4)
+    assert torch.equal(unpack_keep(packed, 29), keep)
+    q, k, v, _, _ = _inputs(rng, 3, 2, 1, 29, 29, 16, "cpu", torch.float64)
+    keep[:, 0] = True
+    torch.testing.assert_close(masked_attention(q, k, v, key_keep=pack_keep(keep)),
+                               masked_attention(q, k, v, key_keep=keep))
+    with pytest.raises(ValueError, match="packed uint8 bitmask must have shape"):
+        masked_attention(q, k, v, key_keep=packed[:, :2])
