@@ -29,6 +29,7 @@ SUITES = {
     "attention": "bench_attention.py",
     "bdhs": "bench_bdhs.py",
     "train_step": "bench_train.py",
+    "trainers": "bench_trainers.py",
 }
 
 

@@ -65,7 +65,8 @@ class TrainConfig:
     columns: dict | None = None
     seed: int = 0
     log_every: int = 1
-    save_every: int | None = None       # optimizer steps; a checkpoint is always written at the end
+    save_every: int | None = None       # optimizer steps
+    save_final: bool = True             # a checkpoint at the end of train()
     resume: bool = True
     progress: bool = True
     tensorboard: bool = True            # also log to OUTPUT/tensorboard when the tensorboard package is installed
@@ -394,7 +395,7 @@ class Trainer:
         bar.close()
         if writer is not None:
             writer.close()
-        if not rows or not (cfg.save_every and self.step % cfg.save_every == 0):
+        if cfg.save_final and (not rows or not (cfg.save_every and self.step % cfg.save_every == 0)):
             self.save_checkpoint()
         if self.rank == 0 and rows:
             print(f"train: {len(rows)} steps in {time.time() - started:.1f} s, last loss {rows[-1]['loss']:.4f}",
