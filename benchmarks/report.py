@@ -56,7 +56,7 @@ def build(paths, commit_id: str | None = None) -> tuple[str, dict]:
         eager = by.get("eager")
         copy_bw = copy_bandwidth.get(_shape_key(rows[0]))
         # the baseline: eager PyTorch; the released DAMO code's style; SDPA with a boolean mask; generate() per sentence
-        eager = eager or by.get("released-style") or by.get("sdpa-mask") or by.get("per-sentence")
+        eager = eager or by.get("released-style") or by.get("sdpa-mask") or by.get("per-sentence") or by.get("trl")
         lines += [f"## {name}", "", "| provider | median | speedup vs eager | peak mem above inputs | mem vs eager | GB/s | % of copy bandwidth | CUDA launches | host syncs |",
                   "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for prov, r in sorted(by.items(), key=lambda kv: kv[1]["stats"]["median"]):
