@@ -10,7 +10,7 @@ import torch
 from . import _dispatch, _ext, _triton
 
 _PACKAGES = ("torch", "triton", "numpy", "transformers", "deepspeed", "open_clip_torch",
-             "sentence-transformers", "flash-attn", "pytest-benchmark")
+             "sentence-transformers", "datasets", "trl", "liger-kernel", "flash-attn", "pytest-benchmark")
 
 
 def _version(name: str) -> str:
