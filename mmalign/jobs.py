@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -177,15 +178,23 @@ class WorkDir:
         return [i for i in range(self.shard.count) if not self._done_path(Shard(i, self.shard.count)).exists()]
 
     def take_merge(self) -> bool:
-        """True for exactly one caller once every shard is done: that caller writes the output."""
+        """True for exactly one caller once every shard is done: that caller writes the output. A lock left
+        by a merging process that died (same host, its pid gone) is taken over, so a rerun finishes the job."""
         if self.pending_shards():
             return False
-        try:
-            fd = os.open(self.dir / "merge.lock", os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            return False
-        os.close(fd)
-        return True
+        lock = self.dir / "merge.lock"
+        for _ in range(2):
+            try:
+                fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                if not _stale(lock):
+                    return False
+                lock.unlink(missing_ok=True)
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(f"{socket.gethostname()} {os.getpid()}\n")
+            return True
+        return False
 
     def all_results(self) -> dict[int, dict]:
         """Every shard's results, by input index (for the merge)."""
@@ -198,6 +207,24 @@ class WorkDir:
         for p in self.dir.iterdir():
             p.unlink()
         self.dir.rmdir()
+
+
+def _stale(lock: Path) -> bool:
+    """Whether ``lock`` was taken by a process of this host that no longer exists."""
+    try:
+        host, pid = lock.read_text().split()
+        pid = int(pid)
+    except (OSError, ValueError):
+        return False
+    if host != socket.gethostname():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
 
 
 def owned(records: Iterable, shard: Shard, done: dict[int, dict]) -> Iterator:

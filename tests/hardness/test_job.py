@@ -266,3 +266,34 @@ def test_real_clip_prefers_the_description_of_the_image(setup, tmp_path):
     hardness.run(root / "in.jsonl", tmp_path / "out.jsonl", scorer=scorer, images=root / "images", progress=False)
     deltas = [r["delta"] for r in _read(tmp_path / "out.jsonl")]
     assert sum(d > 0 for d in deltas) >= 0.8 * len(deltas), deltas
+
+
+def test_a_merge_killed_midway_is_finished_by_a_rerun(setup, tmp_path):
+    import socket
+
+    root, rows, clip, scorer = setup
+    out = tmp_path / "out.jsonl"
+    kw = dict(scorer=scorer, images=root / "images", progress=False)
+    hardness.run(root / "in.jsonl", tmp_path / "ref.jsonl", **kw)
+    real_merge = hardness.job.merge
+
+    def dies(*a, **k):
+        raise _Killed
+
+    hardness.job.merge = dies
+    try:
+        with pytest.raises(_Killed):
+            hardness.run(root / "in.jsonl", out, **kw)
+    finally:
+        hardness.job.merge = real_merge
+    lock = out.with_name("out.jsonl.work") / "merge.lock"
+    dead = 2**22 + 12345  # beyond the default pid_max: no such process
+    lock.write_text(f"{socket.gethostname()} {dead}\n")
+    assert hardness.run(root / "in.jsonl", out, **kw).scored == 14
+    _assert_same(_read(out), _read(tmp_path / "ref.jsonl"))
+    work = jobs.WorkDir(tmp_path / "x.jsonl", jobs.Shard(), {})
+    work.mark_done()
+    (work.dir / "merge.lock").write_text(f"{socket.gethostname()} {os.getpid()}\n")  # a live merger
+    assert not work.take_merge()
+    (work.dir / "merge.lock").write_text(f"{socket.gethostname()} {dead}\n")  # a dead one
+    assert work.take_merge() and not work.take_merge()
