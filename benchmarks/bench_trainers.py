@@ -4,9 +4,11 @@ steps each, timed from the first step to the last (trainer construction, tokeniz
 DeepSpeed's initialization are outside the timed region; mmalign tokenizes on the fly, inside it; neither
 writes a checkpoint). Not in --quick.
 
-Text-only causal LM built from a config with random weights, synthetic caption pairs, reference
-log-probs from a frozen copy of the initial model in both. CPU: 4-layer 256-wide Llama, 32k vocabulary,
-8 pairs per step, fp32. GPU: 16-layer 2048-wide (~1B), 8 pairs, bf16. pairs/s = steps x pairs / time."""
+Models built from configs with random weights, synthetic caption pairs, reference log-probs from a
+frozen copy of the initial model in both. kind="text": a Llama; kind="vlm": a LLaVA with 576 image
+tokens (336 px, 14 px patches), the same prompt format on both sides (a chat template on the processor).
+CPU: 4-layer 256-wide decoder, 32k vocabulary, 8 pairs per step, fp32. GPU: 16-layer 2048-wide (~1B),
+8 pairs, bf16. pairs/s = steps x pairs / time."""
 import json
 import os
 import tempfile
@@ -22,46 +24,79 @@ PROVIDERS = ["trl", "mmalign-dpo", "mmalign-damo"]
 STEPS = 3
 
 
-def _setup(device, quick):
-    from transformers import LlamaConfig, LlamaForCausalLM
+CHAT_TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'user' %}USER : {% for c in m['content'] %}"
+                 "{% if c['type'] == 'image' %}<image> {% else %}{{ c['text'] }}{% endif %}{% endfor %} "
+                 "{% else %}ASSISTANT : {% for c in m['content'] %}{{ c['text'] }}{% endfor %}{% endif %}{% endfor %}"
+                 "{% if add_generation_prompt %}ASSISTANT :{% endif %}")
+
+
+def _setup(device, quick, kind):
+    from transformers import (CLIPImageProcessor, LlamaConfig, LlamaForCausalLM, LlavaConfig,
+                              LlavaForConditionalGeneration, LlavaProcessor)
 
     gpu = device == "cuda"
-    tok = synthetic.word_tokenizer(image_token=None)
-    cfg = LlamaConfig(vocab_size=32000, hidden_size=2048 if gpu else 256, intermediate_size=5632 if gpu else 512,
-                      num_hidden_layers=16 if gpu else (2 if quick else 4), num_attention_heads=16 if gpu else 4,
-                      num_key_value_heads=8 if gpu else 2, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-                      bos_token_id=tok.bos_token_id)
+    tok = synthetic.word_tokenizer(image_token="<image>" if kind == "vlm" else None)
+    text = dict(vocab_size=32000, hidden_size=2048 if gpu else 256, intermediate_size=5632 if gpu else 512,
+                num_hidden_layers=16 if gpu else (2 if quick else 4), num_attention_heads=16 if gpu else 4,
+                num_key_value_heads=8 if gpu else 2, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                bos_token_id=tok.bos_token_id)
     dtype = torch.bfloat16 if gpu else torch.float32
+    processor = tok
+    if kind == "vlm":
+        vision = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
+                      image_size=336, patch_size=14)
+        cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_id=tok.convert_tokens_to_ids("<image>"),
+                          vision_feature_layer=-1)
+        processor = LlavaProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 336},
+                                                                      crop_size={"height": 336, "width": 336}),
+                                   tokenizer=tok, patch_size=14, vision_feature_select_strategy="default",
+                                   num_additional_image_tokens=1, image_token="<image>")
+        processor.chat_template = CHAT_TEMPLATE
+    else:
+        cfg = LlamaConfig(**text)
 
     def model():
         torch.manual_seed(0)
-        return LlamaForCausalLM(cfg).to(device, dtype)
+        cls = LlavaForConditionalGeneration if kind == "vlm" else LlamaForCausalLM
+        return cls._from_config(cfg, attn_implementation="sdpa").to(device, dtype)
 
     work = tempfile.mkdtemp(prefix="mmalign-bench-trainers-")
     rows = synthetic.make_pairs(64, __import__("pathlib").Path(work) / "images")
     with open(os.path.join(work, "pairs.jsonl"), "w") as f:
         for r in rows:
             f.write(json.dumps({**r, "prompt": "Describe the image ."}) + "\n")
-    return tok, model, dtype, work, rows
+    return processor, model, dtype, work, rows
 
 
+def _trl_rows(rows, work, kind):
+    if kind == "text":
+        return [{"prompt": "USER : Describe the image . ASSISTANT :", "chosen": r["chosen"], "rejected": r["rejected"]}
+                for r in rows]
+    from PIL import Image
+
+    return [{"images": [Image.open(os.path.join(work, "images", r["image"])).convert("RGB")],
+             "prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe the image ."}]}],
+             "chosen": [{"role": "assistant", "content": [{"type": "text", "text": r["chosen"]}]}],
+             "rejected": [{"role": "assistant", "content": [{"type": "text", "text": r["rejected"]}]}]} for r in rows]
+
+
+@pytest.mark.parametrize("kind", ["text", "vlm"])
 @pytest.mark.parametrize("provider", PROVIDERS)
-def test_trainer_steps(benchmark, device, quick, provider):
+def test_trainer_steps(benchmark, device, quick, provider, kind):
     if quick:
         pytest.skip("--quick: whole trainers take minutes")
-    tok, model, dtype, work, rows = _setup(device, quick)
+    tok, model, dtype, work, rows = _setup(device, quick, kind)
     pairs = 8
     if provider == "trl":
         datasets = pytest.importorskip("datasets")
         trl = pytest.importorskip("trl")
-        ds = datasets.Dataset.from_list([{"prompt": "USER : Describe the image . ASSISTANT :", "chosen": r["chosen"],
-                                          "rejected": r["rejected"]} for r in rows])
+        ds = datasets.Dataset.from_list(_trl_rows(rows, work, kind))
 
         def make():
             args = trl.DPOConfig(output_dir=os.path.join(work, "trl"), per_device_train_batch_size=pairs,
                                  max_steps=STEPS, learning_rate=1e-5, beta=0.1, report_to=[], save_strategy="no",
                                  use_cpu=device == "cpu", bf16=dtype == torch.bfloat16, logging_steps=STEPS,
-                                 disable_tqdm=True, max_length=128)
+                                 disable_tqdm=True, max_length=None if kind == "vlm" else 128)
             return (trl.DPOTrainer(model=model(), ref_model=model(), args=args, train_dataset=ds,
                                    processing_class=tok),)
     else:
@@ -70,12 +105,13 @@ def test_trainer_steps(benchmark, device, quick, provider):
 
         def make():
             cfg = TrainConfig(data=os.path.join(work, "pairs.jsonl"), output_dir=tempfile.mkdtemp(dir=work),
+                              images=os.path.join(work, "images"),
                               loss=provider.split("-")[1], reference="model", micro_batch_size=pairs, max_steps=STEPS,
                               lr=1e-5, bf16=dtype == torch.bfloat16, progress=False, tensorboard=False,
-                              resume=False, save_final=False, max_length=128)
+                              resume=False, save_final=False, max_length=1024 if kind == "vlm" else 128)
             return (Trainer(cfg, model=model(), processor=tok),)
 
-    benchmark.group = f"trainer {STEPS} steps x {pairs} pairs"
+    benchmark.group = f"trainer ({kind}) {STEPS} steps x {pairs} pairs"
     run_case(benchmark, device, lambda t: t.train(), make, op="trainer", mode=f"{STEPS} steps", provider=provider,
-             shape=f"{STEPS} steps x {pairs} pairs {str(dtype).replace('torch.', '')}", pairs=STEPS * pairs,
+             shape=f"{kind} {STEPS} steps x {pairs} pairs {str(dtype).replace('torch.', '')}", pairs=STEPS * pairs,
              rounds=1 if device == "cpu" else 2)

@@ -22,7 +22,8 @@ class PromptEncoder:
     def text(self, prompt: str) -> str:
         if self.template is not None:
             return self.template.format(prompt=prompt)
-        if getattr(self.tokenizer, "chat_template", None):
+        # a VLM processor usually carries the chat template itself (llava-1.5-hf does), a tokenizer otherwise
+        if getattr(self.processor, "chat_template", None) or getattr(self.tokenizer, "chat_template", None):
             content = [{"type": "image"}, {"type": "text", "text": prompt}] if self.vision else prompt
             return self.processor.apply_chat_template([{"role": "user", "content": content}],
                                                       add_generation_prompt=True, tokenize=False)

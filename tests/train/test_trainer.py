@@ -307,3 +307,16 @@ def test_pair_logps_on_llava_next(rng):
     pc, pr = pair_logps(model, examples)
     ec, er = _eager_logps(model, examples)
     torch.testing.assert_close(torch.stack([pc, pr]), torch.stack([ec, er]), rtol=1e-10, atol=1e-10)
+
+
+def test_prompt_encoder_uses_the_processor_chat_template(setup):
+    from transformers import AutoProcessor
+
+    root, model_dir = setup
+    processor = AutoProcessor.from_pretrained(model_dir)
+    plain = PromptEncoder(processor)
+    assert plain.text("Describe the image .") == "USER: <image>\nDescribe the image . ASSISTANT:"
+    processor.chat_template = ("{% for m in messages %}{{ m['role'] }} {% for c in m['content'] %}{% if c['type'] == "
+                               "'image' %}<image> {% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endfor %}"
+                               "{% if add_generation_prompt %} ASSISTANT :{% endif %}")
+    assert PromptEncoder(processor).text("Describe it") == "user <image> Describe it ASSISTANT :"
