@@ -22,6 +22,7 @@ import json
 import os
 import socket
 import tempfile
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -262,7 +263,22 @@ class JobSpec:
     batch_size: int
     overwrite: bool = False
     progress: bool = True
-    postfix: Callable[[list], dict] | None = None   # extra progress-bar fields from all results so far
+    tally: Callable[[list], dict] | None = None     # counts one batch adds to the progress bar (summed as it goes)
+
+
+def default_device(device: str | None = None) -> str:
+    """``device`` if given, else this process's GPU (``cuda:LOCAL_RANK``, as torchrun sets it) or the CPU."""
+    import torch
+
+    if device:
+        return device
+    return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
+
+
+def input_params(input, *, layout: str, columns: dict | None, split: str | None, images: str | None) -> dict:
+    """The job parameters that say which records a job reads (part of every job's ``job.json``)."""
+    return {"input": str(Path(input).resolve()), "layout": layout, "columns": columns, "split": split,
+            "images": str(Path(images).resolve()) if images else None}
 
 
 def check_output(out: str | os.PathLike, overwrite: bool) -> Path:
@@ -289,16 +305,15 @@ def run_records(spec: JobSpec) -> WorkDir | None:
     todo = None if total is None else len(range(spec.shard.index, total, spec.shard.count)) - len(done)
     desc = spec.name + (f" {spec.shard.index}/{spec.shard.count}" if spec.shard.count > 1 else "")
     bar = tqdm(total=todo, unit="pair", desc=desc, disable=not spec.progress, dynamic_ncols=True, file=sys.stderr)
-    seen: list = []
+    counts: Counter = Counter()
     try:
         for batch in batched(owned(spec.read(), spec.shard, done), spec.batch_size):
             results = spec.process(batch)
             work.append(results)
-            seen += results
             bar.update(len(batch))
-            fields = {"failed": sum(r["status"] == "failed" for r in seen)}
-            fields.update(spec.postfix(seen) if spec.postfix else {})
-            bar.set_postfix(fields, refresh=False)
+            counts["failed"] += sum(r["status"] == "failed" for r in results)
+            counts.update(spec.tally(results) if spec.tally else {})
+            bar.set_postfix(counts, refresh=False)
     finally:
         bar.close()
     work.mark_done()

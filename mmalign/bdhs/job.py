@@ -20,8 +20,9 @@ from pathlib import Path
 import torch
 
 from .. import data, jobs
-from ..prompts import PromptEncoder, load_model  # noqa: F401  (load_model: public here too)
+from ..prompts import PromptEncoder, load_model
 from .engine import BDHSConfig, BDHSEngine, SentenceSimilarity
+
 
 @dataclass
 class BDHSJobConfig:
@@ -78,7 +79,7 @@ class BDHSSummary:
 
 
 def _device_dtype(cfg: BDHSJobConfig):
-    device = cfg.device or (f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
+    device = jobs.default_device(cfg.device)
     if cfg.dtype == "auto":
         dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
     else:
@@ -130,8 +131,7 @@ def run(input: str | os.PathLike, out: str | os.PathLike, config: BDHSJobConfig 
     engine = BDHSEngine(model, getattr(processor, "tokenizer", processor), similarity, cfg.engine)
     encode = PromptEncoder(processor, template=cfg.prompt_template, images=cfg.images, device=engine.device,
                            dtype=next(model.parameters()).dtype)
-    params = {"input": str(Path(input).resolve()), "layout": cfg.layout, "columns": cfg.columns, "split": cfg.split,
-              "images": str(Path(cfg.images).resolve()) if cfg.images else None,
+    params = {**jobs.input_params(input, layout=cfg.layout, columns=cfg.columns, split=cfg.split, images=cfg.images),
               "model": cfg.model or type(model).__name__, "similarity": similarity_desc,
               "template": cfg.prompt_template, "engine": dataclasses.asdict(cfg.engine)}
     started = time.time()
@@ -139,7 +139,7 @@ def run(input: str | os.PathLike, out: str | os.PathLike, config: BDHSJobConfig 
         name="bdhs", input=str(input), out=out, shard=jobs.Shard.parse(cfg.shard), params=params,
         read=lambda: data.iter_records(input, layout=cfg.layout, columns=cfg.columns, split=cfg.split),
         process=lambda batch: _process(batch, engine, encode, cfg), batch_size=cfg.batch_size,
-        progress=cfg.progress, postfix=_acceptance))
+        progress=cfg.progress, tally=_tally))
     if work is None:
         return None
     summary = merge(input, out, cfg, work)
@@ -147,10 +147,10 @@ def run(input: str | os.PathLike, out: str | os.PathLike, config: BDHSJobConfig 
     return summary
 
 
-def _acceptance(results: list[dict]) -> dict:
+def _tally(results: list[dict]) -> dict:
+    """Progress-bar counts of a batch: rejected responses generated, and how many the first try gave."""
     ok = [r for r in results if r["status"] == "ok"]
-    first = sum(r["bdhs_try"] == 1 and r["bdhs_accepted"] for r in ok)
-    return {"first_try": f"{first / len(ok):.0%}"} if ok else {}
+    return {"generated": len(ok), "first_try": sum(r["bdhs_try"] == 1 and r["bdhs_accepted"] for r in ok)}
 
 
 def merge(input, out: Path, cfg: BDHSJobConfig, work: jobs.WorkDir) -> BDHSSummary:

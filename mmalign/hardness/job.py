@@ -97,14 +97,6 @@ class Summary:
         return "\n".join(lines)
 
 
-def _device(cfg: HardnessConfig) -> str:
-    if cfg.device:
-        return cfg.device
-    if torch.cuda.is_available():
-        return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-    return "cpu"
-
-
 def _process(batch, scorer: ClipScorer, splitter, cfg: HardnessConfig) -> list[dict]:
     """Score one batch of records; bad records become failure results (or stop the job when strict)."""
     results, good, images = [], [], []
@@ -127,7 +119,7 @@ def _process(batch, scorer: ClipScorer, splitter, cfg: HardnessConfig) -> list[d
             pairs.append((rec, images[i], sw, sl))
     jobs.stop_if_strict(results, cfg.strict)
     if pairs:
-        texts, image_of_text, pair_of_text, chosen = [], [], [], []
+        texts, image_of_text, chosen = [], [], []
         for j, (_, _, sw, sl) in enumerate(pairs):
             for side, pieces in ((True, sw.pieces), (False, sl.pieces)):
                 texts += pieces
@@ -154,9 +146,8 @@ def _process(batch, scorer: ClipScorer, splitter, cfg: HardnessConfig) -> list[d
 
 def _params(input, cfg: HardnessConfig, scorer_desc: str, splitter_desc: str) -> dict:
     """What determines the work files' content: a resume with other values is refused."""
-    return {"input": str(Path(input).resolve()), "layout": cfg.layout, "columns": cfg.columns, "split": cfg.split,
-            "images": str(Path(cfg.images).resolve()) if cfg.images else None, "clip": scorer_desc,
-            "seed": cfg.seed, "splitter": splitter_desc}
+    return {**jobs.input_params(input, layout=cfg.layout, columns=cfg.columns, split=cfg.split, images=cfg.images),
+            "clip": scorer_desc, "seed": cfg.seed, "splitter": splitter_desc}
 
 
 def run(input: str | os.PathLike, out: str | os.PathLike, config: HardnessConfig | None = None, *,
@@ -172,7 +163,7 @@ def run(input: str | os.PathLike, out: str | os.PathLike, config: HardnessConfig
     cfg = dataclasses.replace(config or HardnessConfig(), **overrides)
     cfg.validate()
     out = jobs.check_output(out, cfg.overwrite)
-    device = _device(cfg)
+    device = jobs.default_device(cfg.device)
     if scorer is None:
         scorer = load_scorer(cfg.clip_model, cfg.clip_pretrained, device=device, amp=cfg.amp,
                              text_batch_size=cfg.text_batch_size, seed=cfg.seed)
