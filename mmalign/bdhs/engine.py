@@ -288,7 +288,7 @@ class BDHSEngine:
         return rows, cache
 
     # ------------------------------------------------------------------------------------- decode
-    def _choose(self, logits: torch.Tensor, row: _Row) -> int:
+    def _choose(self, logits: torch.Tensor, generator: torch.Generator | None) -> int:
         cfg = self.config
         if not cfg.do_sample:
             return int(logits.argmax())
@@ -297,7 +297,7 @@ class BDHSEngine:
             sorted_p, order = probs.sort(descending=True)
             drop = sorted_p.cumsum(0) - sorted_p > cfg.top_p
             probs[order[drop]] = 0
-        return int(torch.multinomial(probs, 1, generator=row.generator))
+        return int(torch.multinomial(probs, 1, generator=generator))
 
     def _period_ids(self) -> set:
         if self._period is None:
@@ -315,6 +315,8 @@ class BDHSEngine:
         return row.stop_at_period and token in self._period_ids()
 
     def _batch_cache(self, rows: list, caches: list):
+        """One DynamicCache holding every row's context prefix, left-padded to the longest, with its padding
+        mask and (scope="text") the row-wise visible-key mask aligned with it."""
         from transformers import DynamicCache
 
         width = max(r.cache_len for r in rows)
@@ -329,9 +331,12 @@ class BDHSEngine:
                 vs.append(torch.nn.functional.pad(v[0, :, :r.cache_len], pad))
             cache.update(torch.stack(ks), torch.stack(vs), layer)
         mask = torch.zeros(len(rows), width, dtype=torch.long, device=ks[0].device)
+        keep = torch.zeros_like(mask, dtype=torch.bool) if rows[0].keep is not None else None
         for i, r in enumerate(rows):
             mask[i, width - r.cache_len:] = 1
-        return cache, mask
+            if keep is not None:
+                keep[i, width - r.cache_len:] = r.keep
+        return cache, mask, keep
 
     def _decode(self, rows: list, caches: list) -> None:
         """Feed/generate every row to its stop; rows share one batched KV cache (left-padded prefixes)."""
@@ -344,7 +349,7 @@ class BDHSEngine:
             if r.forced:
                 nxt.append(r.forced[0])
             else:
-                tok = self._choose(r.first_logits, r)
+                tok = self._choose(r.first_logits, r.generator)
                 r.generated.append(tok)
                 if self._stops(tok, r):
                     continue
@@ -352,17 +357,8 @@ class BDHSEngine:
             active.append(i)
         if not active:
             return
-        cache, mask = self._batch_cache(rows, caches)
-        keep = None
-        if rows[0].keep is not None:  # scope="text": the hidden keys of every row, aligned with its padded cache
-            keep = torch.zeros_like(mask, dtype=torch.bool)
-            for i, r in enumerate(rows):
-                keep[i, mask.shape[1] - r.cache_len:] = r.keep
-        sel = torch.tensor(active, dtype=torch.long)
-        if len(active) < len(rows):
-            cache.batch_select_indices(sel.to(mask.device))
-        mask = mask[sel]
-        keep = keep[sel.to(mask.device)] if keep is not None else None
+        # rows that stopped on their first token never enter the batched cache
+        cache, mask, keep = self._batch_cache([rows[i] for i in active], caches)
         device = mask.device
         while active:
             ids = torch.tensor(nxt, device=device)[:, None]
@@ -381,7 +377,7 @@ class BDHSEngine:
                     nxt.append(r.forced[fed[i]])
                     keep_rows.append(a)
                     continue
-                tok = self._choose(logits[a], r)
+                tok = self._choose(logits[a], r.generator)
                 r.generated.append(tok)
                 if not self._stops(tok, r):
                     nxt.append(tok)
@@ -413,9 +409,8 @@ class BDHSEngine:
         ids = torch.tensor(prompt + response, dtype=torch.long, device=self.device)[None]
         hidden = self.decoder(inputs_embeds=merged_embeddings(self.model, ids, image_inputs)).last_hidden_state[0]
         logits = self.head(hidden[len(prompt) - 1:len(prompt) + len(response) - 1]).float()
-        row = _Row(0, 0, 0, [], [], "", False, len(response),
-                   torch.Generator().manual_seed(rng.getrandbits(63)) if self.config.do_sample else None)
-        tokens = [self._choose(logits[t], row) for t in range(len(response))]
+        generator = torch.Generator().manual_seed(rng.getrandbits(63)) if self.config.do_sample else None
+        tokens = [self._choose(logits[t], generator) for t in range(len(response))]
         return self.tokenizer.decode(tokens, skip_special_tokens=True)
 
 
