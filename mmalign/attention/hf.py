@@ -98,11 +98,3 @@ def register() -> None:
     # the padding mask as a (B, Tk) bool tensor, or None when nothing is padded (flash-attention style)
     AttentionMaskInterface.register(NAME, flash_attention_mask)
 
-
-def image_token_id(config) -> int:
-    """The id of the image placeholder token of a (LLaVA-style) config."""
-    for name in ("image_token_id", "image_token_index"):
-        value = getattr(config, name, None)
-        if value is not None:
-            return int(value)
-    raise ValueError(f"{type(config).__name__} has neither image_token_id nor image_token_index")
