@@ -29,7 +29,7 @@ def _demo(args) -> int:
                         clip_pretrained=args.clip_pretrained, similarity_model=args.similarity_model, lr=args.lr,
                         seed=args.seed, progress=not args.no_progress)
 
-    return _run_job("demo", start)
+    return _run("demo", start)
 
 
 def _columns(text: str | None) -> dict | None:
@@ -48,19 +48,20 @@ def _job_io(args) -> dict:
                 keep_work=args.keep_work, progress=not args.no_progress)
 
 
-def _run_job(name: str, start) -> int:
-    """Run a dataset job; its known failures print one line and exit 2; a summary is printed by the
-    process that wrote the output."""
+def _run(name: str, start) -> int:
+    """Run a command: its known failures (bad input, a missing file, a job that cannot resume, a missing
+    package) print one line naming the command and exit 2. What ``start`` returns is printed: a summary
+    (``.format()``), a string, or nothing (None, e.g. a shard that left the merge to another process)."""
     from .data import RecordError
     from .jobs import JobError
 
     try:
-        summary = start()
+        result = start()
     except (JobError, RecordError, ValueError, OSError, RuntimeError, ImportError) as e:
         print(f"mmalign {name}: {e}", file=sys.stderr)
         return 2
-    if summary is not None:
-        print(summary.format())
+    if result is not None:
+        print(result.format() if hasattr(result, "format") and not isinstance(result, str) else result)
     return 0
 
 
@@ -77,7 +78,7 @@ def _hardness(args) -> int:
             seed=args.seed, **_job_io(args))
         return hardness.run(args.input, args.out, cfg)
 
-    return _run_job("hardness", start)
+    return _run("hardness", start)
 
 
 def _add_hardness(sub) -> None:
@@ -120,7 +121,7 @@ def _bdhs(args) -> int:
                                 **_job_io(args))
         return job.run(args.input, args.out, cfg)
 
-    return _run_job("bdhs", start)
+    return _run("bdhs", start)
 
 
 def _add_job_io(p, layouts=("auto", "canonical", "rlaif-v", "povid", "vlfeedback")) -> None:
@@ -177,20 +178,17 @@ def _train(args) -> int:
     flags.update({k: True for k in ("bf16", "gradient_checkpointing", "offload_optimizer") if getattr(args, k)})
     if args.no_progress:
         flags["progress"] = False
-    try:
+
+    def start():
         cfg = TrainConfig.from_file(args.config, **flags) if args.config else \
             TrainConfig(**{k: v for k, v in flags.items() if v is not None})
         if args.precompute_reference:
             n = precompute_reference(cfg, args.precompute_reference)
-            print(f"reference log-probs of {n} pairs written to {args.precompute_reference}")
-            return 0
+            return f"reference log-probs of {n} pairs written to {args.precompute_reference}"
         rows = Trainer(cfg).train()
-    except (ValueError, OSError, RuntimeError, ImportError) as e:
-        print(f"mmalign train: {e}", file=sys.stderr)
-        return 2
-    if rows:
-        print(json.dumps(rows[-1]))
-    return 0
+        return json.dumps(rows[-1]) if rows else None
+
+    return _run("train", start)
 
 
 def _add_train(sub) -> None:
@@ -236,26 +234,18 @@ def _add_train(sub) -> None:
 def _plot(args) -> int:
     from .train.plot import DEFAULT_KEYS, plot_runs
 
-    try:
-        print(plot_runs(args.runs, args.out, args.keys.split(",") if args.keys else DEFAULT_KEYS))
-    except (ValueError, OSError) as e:
-        print(f"mmalign plot: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return _run("plot", lambda: plot_runs(args.runs, args.out, args.keys.split(",") if args.keys else DEFAULT_KEYS))
 
 
 def _bench(args) -> int:
     from . import bench
 
-    try:
+    def start():
         out = bench.run(args.ops.split(",") if args.ops else None, quick=args.quick, out=args.out,
                         device=args.bench_device)
-    except (ValueError, OSError, RuntimeError) as e:
-        print(f"mmalign bench: {e}", file=sys.stderr)
-        return 2
-    print((out / "report.md").read_text())
-    print(f"report folder: {out}")
-    return 0
+        return f"{(out / 'report.md').read_text()}\nreport folder: {out}"
+
+    return _run("bench", start)
 
 
 def build_parser() -> argparse.ArgumentParser:
