@@ -3,6 +3,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <optional>
+#include <tuple>
 
 namespace mmalign {
 
@@ -27,11 +28,26 @@ struct DamoStepArgs {
   bool paper;
   int64_t select, loss_kind;
   bool use_m, combine_sum, incr_step;
+  bool check;  // raise on non-finite inputs or beta <= 0 (ValueError naming the argument)
 };
 
 struct DamoStepOutputs {
-  at::Tensor loss, losses, keep, beta, rw, rl, grad_u, dl_du, alpha_m;
+  at::Tensor loss, losses, keep, beta, rw, rl, margins, accuracies, grad_u, dl_du, alpha_m;
 };
+
+// damo_step_fwd's outputs: (loss, losses, keep, beta_i, chosen_rewards, rejected_rewards, margins,
+// accuracies, d loss / d u, d l_i / d u_i, alpha_M).
+using DamoStepTuple = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                                 at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+// The C++ signature of mmalign::damo_step_fwd (every kernel of it, and the autograd op that calls it).
+using DamoStepFwdFn = DamoStepTuple(const at::Tensor& pc, const at::Tensor& pr, const at::Tensor& rc,
+                                    const at::Tensor& rr, const std::optional<at::Tensor>& beta, double beta_scalar,
+                                    const std::optional<at::Tensor>& alpha_d, const std::optional<at::Tensor>& weights,
+                                    const at::Tensor& g, const at::Tensor& g_out, const std::optional<at::Tensor>& step,
+                                    int64_t step_scalar, int64_t seed, int64_t K, double gamma, double rho, double eps,
+                                    double min_beta, bool paper, int64_t select, int64_t loss_kind, bool use_m,
+                                    bool combine_sum, bool incr_step, bool check);
 
 void check_damo_step_args(const DamoStepArgs& a, const char* op);
 

@@ -88,11 +88,19 @@ TORCH_LIBRARY(mmalign, m) {
   m.def("token_logps_bwd(Tensor grad, Tensor logits, Tensor labels, Tensor lse, int ignore_index) -> Tensor");
   // Same, written over `logits` itself (saves one logits-sized allocation).
   m.def("token_logps_bwd_(Tensor(a!) logits, Tensor grad, Tensor labels, Tensor lse, int ignore_index) -> ()");
-  // The fused DAMO step: (loss, losses, keep, beta_i, chosen_rewards, rejected_rewards, dloss/du, dl_i/du_i,
-  // alpha_M); writes the updated running mean into g_out and, with incr_step, step += 1.
-  m.def("damo_step_fwd(Tensor pc, Tensor pr, Tensor rc, Tensor rr, Tensor? beta, float beta_scalar, "
-        "Tensor? alpha_d, Tensor? weights, Tensor g, Tensor(a!) g_out, Tensor(b!)? step, int step_scalar, int seed, "
-        "int K, float gamma, float rho, float eps, float min_beta, bool paper, int select, int loss_kind, "
-        "bool use_m, bool combine_sum, bool incr_step) "
-        "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // The fused DAMO step: (loss, losses, keep, beta_i, chosen_rewards, rejected_rewards, margins, accuracies,
+  // dloss/du, dl_i/du_i, alpha_M); writes the updated running mean into g_out and, with incr_step, step += 1.
+  // With check, non-finite inputs or beta <= 0 raise ValueError naming the argument, before anything is written.
+#define MMALIGN_DAMO_STEP_ARGS                                                                               \
+  "(Tensor pc, Tensor pr, Tensor rc, Tensor rr, Tensor? beta, float beta_scalar, Tensor? alpha_d, Tensor? weights, " \
+  "Tensor g, Tensor(a!) g_out, Tensor(b!)? step, int step_scalar, int seed, int K, float gamma, float rho, "         \
+  "float eps, float min_beta, bool paper, int select, int loss_kind, bool use_m, bool combine_sum, bool incr_step, " \
+  "bool check)"
+  m.def("damo_step_fwd" MMALIGN_DAMO_STEP_ARGS " -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, "
+        "Tensor, Tensor, Tensor)");
+  // The same step with its gradient (csrc/damo_step_autograd.cpp): (loss, losses, keep, beta_i, chosen_rewards,
+  // rejected_rewards, margins, accuracies, alpha_M); differentiable w.r.t. pc, pr, rc, rr through loss and losses.
+  m.def("damo_step" MMALIGN_DAMO_STEP_ARGS " -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, "
+        "Tensor)");
+#undef MMALIGN_DAMO_STEP_ARGS
 }

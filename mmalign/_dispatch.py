@@ -67,7 +67,7 @@ class BackendUnavailable(RuntimeError):
 
 
 def _device_type(device) -> str:
-    return torch.device(device).type
+    return device.type if isinstance(device, torch.device) else torch.device(device).type
 
 
 def not_supported_reasons(op: str, backend: str, device, dtype: torch.dtype) -> list[str]:

@@ -2,11 +2,16 @@
 backend through mmalign._dispatch, and calls the op's autograd Function or its eager reference."""
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from . import _checks, _dispatch
 from .ops.fused_linear_sequence_logps import (FusedLinearTokenLogpsFunction, chunk_rows,
                                               fused_linear_token_logps_reference)
+from .ops import damo_step as ds
+from .ops.damo_step import DAMOConfig, DAMOMetrics, DAMOStep, damo_step_reference
+from .ops.preference_loss import PreferenceLoss, preference_loss_reference
 from .ops.sequence_logps import SequenceLogps, TokenLogpsFunction, reduce_token_logps, token_logps_reference
 
 __all__ = ["sequence_logps", "token_logps", "fused_linear_sequence_logps", "SequenceLogps", "preference_loss",
@@ -120,17 +125,20 @@ def fused_linear_sequence_logps(hidden: torch.Tensor, weight: torch.Tensor, labe
 _LOGP_NAMES = ("policy_chosen_logps", "policy_rejected_logps", "ref_chosen_logps", "ref_rejected_logps")
 
 
-def _check_pair_inputs(logps, beta, running_mean, alpha_d, weights, check_inputs):
-    """Shapes, dtypes and devices of the per-pair inputs; with ``check_inputs``, also finiteness and
-    beta > 0 (one host synchronization)."""
+def _check_pair_inputs(logps, beta, running_mean, alpha_d, weights):
+    """Shapes, dtypes and devices of the per-pair inputs. Returns (N, device). Runs on every step: one
+    cheap test per tensor; :func:`_checks.tensor` builds the message of the first that fails."""
     first = logps[0]
     _checks.tensor(_LOGP_NAMES[0], first, dim=1, dtypes=_checks.FLOATS)
-    N, dev = first.shape[0], first.device
+    shape, dev = first.shape, first.device
+    N = shape[0]
     if N == 0:
         raise ValueError(f"{_LOGP_NAMES[0]}: expected at least one pair, got shape (0,)")
-    for name, t in zip(_LOGP_NAMES[1:], logps[1:]):
-        _checks.tensor(name, t, shape=(N,), dtypes=_checks.FLOATS, device=dev)
-    named = [(n, t) for n, t in zip(_LOGP_NAMES, logps)]
+    vectors = list(zip(_LOGP_NAMES[1:], logps[1:])) + [(n, t) for n, t in (("alpha_d", alpha_d),
+                                                                           ("weights", weights)) if t is not None]
+    for name, t in vectors:
+        if not (isinstance(t, torch.Tensor) and t.shape == shape and t.dtype in _checks.FLOATS and t.device == dev):
+            _checks.tensor(name, t, shape=(N,), dtypes=_checks.FLOATS, device=dev)
     if isinstance(beta, torch.Tensor):
         if beta.dim() > 1 or (beta.dim() == 1 and beta.shape[0] != N):
             raise ValueError(f"beta: expected a float, a 0-dim tensor or shape ({N},), got {tuple(beta.shape)}")
@@ -141,30 +149,27 @@ def _check_pair_inputs(logps, beta, running_mean, alpha_d, weights, check_inputs
         raise ValueError(f"beta: expected beta > 0, got {beta}")
     if running_mean is not None:
         _checks.tensor("running_mean", running_mean, shape=(), dtypes=(torch.float32,), device=dev)
-        named.append(("running_mean", running_mean))
-    for name, t in (("alpha_d", alpha_d), ("weights", weights)):
-        if t is not None:
-            _checks.tensor(name, t, shape=(N,), dtypes=_checks.FLOATS, device=dev)
-            named.append((name, t))
-    if check_inputs:
-        # one fused test and one host synchronization; the slow search for the culprit only on failure
-        flat = [t.detach().reshape(-1) for _, t in named]
-        if len({t.dtype for t in flat}) > 1:
-            flat = [t.to(torch.float64) for t in flat]
-        ok = torch.isfinite(torch.cat(flat)).all()
-        if isinstance(beta, torch.Tensor):
-            ok = ok & (beta > 0).all()
-        if not bool(ok):
-            for name, t in named:
-                if not bool(torch.isfinite(t).all()):
-                    raise ValueError(f"{name}: expected finite values, got NaN or inf (pass check_inputs=False to "
-                                     "let them propagate: NaN loss, empty mask, g unchanged)")
-            raise ValueError("beta: expected every beta > 0")
     return N, dev
 
 
-def _contig(t):
-    return t.contiguous() if t is not None and isinstance(t, torch.Tensor) else t
+def _check_pair_values(logps, beta, running_mean, alpha_d, weights):
+    """Finite inputs and beta > 0: one fused test and one host synchronization (the C++ kernel makes
+    the same test itself, for free; the slow search for the culprit runs only on failure)."""
+    named = [(n, t) for n, t in zip(_LOGP_NAMES, logps)]
+    named += [(n, t) for n, t in (("running_mean", running_mean), ("alpha_d", alpha_d), ("weights", weights))
+              if t is not None]
+    flat = [t.detach().reshape(-1) for _, t in named]
+    if len({t.dtype for t in flat}) > 1:
+        flat = [t.to(torch.float64) for t in flat]
+    ok = torch.isfinite(torch.cat(flat)).all()
+    if isinstance(beta, torch.Tensor):
+        ok = ok & (beta > 0).all()
+    if not bool(ok):
+        for name, t in named:
+            if not bool(torch.isfinite(t).all()):
+                raise ValueError(f"{name}: expected finite values, got NaN or inf (pass check_inputs=False to "
+                                 "let them propagate: NaN loss, empty mask, g unchanged)")
+        raise ValueError("beta: expected every beta > 0")
 
 
 def preference_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
@@ -178,21 +183,20 @@ def preference_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: to
     without weights); "none": w l per pair.
     Returns: :class:`PreferenceLoss` (loss, losses, chosen_rewards, rejected_rewards, margins,
     accuracies); gradients flow to the four log-probs."""
-    from .ops.damo_step import DAMOConfig
-    from .ops.preference_loss import PreferenceLoss, preference_loss_reference
-
     _checks.choice("loss_type", loss_type, ("sigmoid", "ipo", "hinge"))
     _checks.choice("reduction", reduction, ("mean", "none"))
     logps = (policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
-    N, dev = _check_pair_inputs(logps, beta, None, None, weights, check_inputs)
+    N, dev = _check_pair_inputs(logps, beta, None, None, weights)
     name = _dispatch.select("preference_loss", dev, policy_chosen_logps.dtype, backend)
+    if check_inputs and name != "cpp":  # the C++ kernel checks the values itself
+        _check_pair_values(logps, beta, None, None, weights)
     if name == "reference":
         return preference_loss_reference(*logps, beta, loss_type=loss_type, label_smoothing=label_smoothing,
                                          weights=weights, reduction=reduction)
     # the DAMO step with every pair kept, alpha = 1 and no beta clamp ("paper" variant) is exactly §2
     cfg = DAMOConfig.from_preset("dpo", variant="paper", loss_type=loss_type, label_smoothing=label_smoothing)
     scratch = torch.zeros((), dtype=torch.float32, device=dev)  # no running mean in a plain loss
-    out = _damo_step_local(logps, scratch, beta, None, weights, cfg, 0, 0, False, True, name)
+    out = _damo_step_local(logps, scratch, beta, None, weights, cfg, 0, 0, False, True, name, check_inputs)
     m = out.metrics
     loss = out.loss if reduction == "mean" else (m.losses if weights is None else m.losses * weights)
     return PreferenceLoss(loss, m.losses, m.chosen_rewards, m.rejected_rewards, m.margins, m.accuracies)
@@ -225,42 +229,49 @@ def damo_step(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Te
             initialized with more than one rank. Every rank must pass the same N: margins, log-ratios and
             alpha_d are all-gathered, every rank computes the same mask, alpha_M and g, and each returns
             the loss of its own slice (the sum over ranks is the loss of the global batch).
-        check_inputs: raise on non-finite inputs or beta <= 0 (one host synchronization).
+        check_inputs: raise on non-finite inputs or beta <= 0 (on CUDA one host synchronization; the C++ CPU
+            kernel tests them in the same pass, at no cost).
     Returns: DAMOStep(loss, running_mean, metrics) with DAMOMetrics(keep, alpha_m, beta, chosen_rewards,
     rejected_rewards, margins, accuracies, losses)."""
-    from .ops.damo_step import DAMOConfig
-
-    overrides = dict(variant=variant, selection=selection, filter=filter, keep=keep, gamma=gamma, combine=combine,
-                     rho=rho, loss_type=loss_type, label_smoothing=label_smoothing)
     if config is not None:
-        if preset is not None or any(v is not None for v in overrides.values()):
+        if preset is not None or any(v is not None for v in (variant, selection, filter, keep, gamma, combine, rho,
+                                                             loss_type, label_smoothing)):
             raise ValueError("config: pass either config or preset/keywords, not both")
         if not isinstance(config, DAMOConfig):
             raise TypeError(f"config: expected a DAMOConfig, got {type(config).__name__}")
         config.validate()
         cfg = config
     else:
-        cfg = DAMOConfig.from_preset(preset, **overrides)
+        cfg = _config(preset, variant, selection, filter, keep, gamma, combine, rho, loss_type, label_smoothing)
     logps = (policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
-    N, dev = _check_pair_inputs(logps, beta, running_mean, alpha_d, weights, check_inputs)
+    N, dev = _check_pair_inputs(logps, beta, running_mean, alpha_d, weights)
     if isinstance(step, torch.Tensor):
         _checks.tensor("step", step, shape=(), dtypes=(torch.int64,), device=dev)
     if not isinstance(seed, int) or not 0 <= seed < 2**63:
         raise ValueError(f"seed: expected an int in [0, 2**63), got {seed!r}")
     world = _world(group)
     if world > 1:
+        if check_inputs:
+            _check_pair_values(logps, beta, running_mean, alpha_d, weights)
         return _damo_step_distributed(logps, running_mean, beta, alpha_d, weights, cfg, seed, step, increment_step,
                                       inplace, group, backend)
     cfg.k(N)  # raises when K > N
     name = _dispatch.select("damo_step", dev, policy_chosen_logps.dtype, backend)
+    if check_inputs and name != "cpp":  # the C++ kernel checks the values itself
+        _check_pair_values(logps, beta, running_mean, alpha_d, weights)
     return _damo_step_local(logps, running_mean, beta, alpha_d, weights, cfg, seed, step, increment_step, inplace,
-                            name)
+                            name, check_inputs)
 
 
-def _damo_step_local(logps, running_mean, beta, alpha_d, weights, cfg, seed, step, increment_step, inplace, name):
-    from .ops import damo_step as ds
-    from .ops.damo_step import DAMOMetrics, DAMOStep, DAMOStepFunction, StepInputs, damo_step_reference
+@functools.lru_cache(maxsize=256, typed=True)  # typed: keep=1 (K) and keep=1.0 (a ratio) differ
+def _config(preset, variant, selection, filter, keep, gamma, combine, rho, loss_type, label_smoothing) -> DAMOConfig:
+    return DAMOConfig.from_preset(preset, variant=variant, selection=selection, filter=filter, keep=keep, gamma=gamma,
+                                  combine=combine, rho=rho, loss_type=loss_type, label_smoothing=label_smoothing)
 
+
+def _damo_step_local(logps, running_mean, beta, alpha_d, weights, cfg, seed, step, increment_step, inplace, name,
+                     check=False):
+    """The step on one process; ``check``: let the C++ kernel check the values (cpp backend only)."""
     if name == "triton" and logps[0].shape[0] > ds.MAX_FUSED_N:
         name = "reference"  # one Triton program sorts at most MAX_FUSED_N keys; beyond, the eager path
 
@@ -274,10 +285,10 @@ def _damo_step_local(logps, running_mean, beta, alpha_d, weights, cfg, seed, ste
             return out._replace(running_mean=running_mean)
         return out
     g_out = running_mean if inplace else torch.empty_like(running_mean)
-    x = StepInputs(*(t.contiguous() for t in logps), _contig(beta), _contig(alpha_d), _contig(weights), running_mean,
-                   g_out, step, seed, increment_step)
-    loss, losses, keep, beta_i, r_w, r_l, alpha_m = DAMOStepFunction.apply(*x[:4], x, cfg, name)
-    return DAMOStep(loss, g_out, DAMOMetrics(keep, alpha_m, beta_i, r_w, r_l, r_w - r_l, r_w > r_l, losses))
+    o = ds.fused_step(name, ds.StepInputs(*logps, beta, alpha_d, weights, running_mean, g_out, step, seed,
+                                          increment_step, check and name == "cpp"), cfg)
+    return DAMOStep(o.loss, g_out, DAMOMetrics(o.keep, o.alpha_m, o.beta, o.chosen_rewards, o.rejected_rewards,
+                                                o.margins, o.accuracies, o.losses))
 
 
 def _world(group) -> int:
@@ -297,7 +308,6 @@ def _damo_step_distributed(logps, running_mean, beta, alpha_d, weights, cfg, see
     stays in the autograd graph, so the kernel's own backward gives its exact gradient."""
     import torch.distributed as dist
 
-    from .ops.damo_step import DAMOMetrics, DAMOStep
 
     pc, pr, rc, rr = logps
     logr_w, logr_l = pc - rc, pr - rr

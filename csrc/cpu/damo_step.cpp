@@ -63,6 +63,15 @@ std::vector<acc_t> load_vec(const std::optional<at::Tensor>& t, int64_t N, acc_t
   return v;
 }
 
+// The functional API's message (mmalign/functional.py, _check_pair_inputs), raised as ValueError.
+template <typename acc_t>
+void check_finite(const char* name, const std::vector<acc_t>& v) {
+  for (const acc_t x : v) {
+    TORCH_CHECK_VALUE(finite(x), name, ": expected finite values, got NaN or inf (pass check_inputs=False to let "
+                      "them propagate: NaN loss, empty mask, g unchanged)");
+  }
+}
+
 template <typename scalar_t, typename acc_t>
 void step_impl(const DamoStepArgs& a, const DamoStepOutputs& o) {
   const int64_t N = a.pc.size(0);
@@ -79,6 +88,16 @@ void step_impl(const DamoStepArgs& a, const DamoStepOutputs& o) {
   const bool has_w = a.weights.has_value();
   const auto wts = load_vec(a.weights, N, acc_t(1));
   const acc_t g = static_cast<acc_t>(*a.g.const_data_ptr<float>());
+  if (a.check) {
+    check_finite("policy_chosen_logps", pc);
+    check_finite("policy_rejected_logps", pr);
+    check_finite("ref_chosen_logps", rc);
+    check_finite("ref_rejected_logps", rr);
+    check_finite("running_mean", std::vector<acc_t>{g});
+    if (a.alpha_d.has_value()) check_finite("alpha_d", ad);
+    if (has_w) check_finite("weights", wts);
+    for (const acc_t b : beta) TORCH_CHECK_VALUE(b > 0, "beta: expected every beta > 0");
+  }
 
   std::vector<acc_t> logr_w(N), logr_l(N), u(N), A(N);
   int64_t n_bad = 0;
@@ -171,18 +190,22 @@ void step_impl(const DamoStepArgs& a, const DamoStepOutputs& o) {
   }
   const acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
   acc_t* LOSSES = o.losses.mutable_data_ptr<acc_t>();
-  uint8_t* KEEP = o.keep.mutable_data_ptr<uint8_t>();
+  bool* KEEP = o.keep.mutable_data_ptr<bool>();
   acc_t* BETA = o.beta.mutable_data_ptr<acc_t>();
   acc_t* RW = o.rw.mutable_data_ptr<acc_t>();
   acc_t* RL = o.rl.mutable_data_ptr<acc_t>();
+  acc_t* MARGINS = o.margins.mutable_data_ptr<acc_t>();
+  bool* ACC = o.accuracies.mutable_data_ptr<bool>();
   acc_t* GU = o.grad_u.mutable_data_ptr<acc_t>();
   acc_t* DL = o.dl_du.mutable_data_ptr<acc_t>();
   for (int64_t i = 0; i < N; ++i) {
     LOSSES[i] = bad ? nan : losses[i];
-    KEEP[i] = bad ? 0 : static_cast<uint8_t>(keep[i]);
+    KEEP[i] = !bad && keep[i];
     BETA[i] = beta_i[i];
     RW[i] = beta_i[i] * logr_w[i];
     RL[i] = beta_i[i] * logr_l[i];
+    MARGINS[i] = RW[i] - RL[i];
+    ACC[i] = RW[i] > RL[i];
     GU[i] = bad ? nan : wt[i] / denom * dl_du[i];
     DL[i] = dl_du[i];
   }
@@ -194,26 +217,27 @@ void step_impl(const DamoStepArgs& a, const DamoStepOutputs& o) {
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
-damo_step_fwd(const at::Tensor& pc, const at::Tensor& pr, const at::Tensor& rc, const at::Tensor& rr,
+DamoStepTuple damo_step_fwd(const at::Tensor& pc, const at::Tensor& pr, const at::Tensor& rc, const at::Tensor& rr,
               const std::optional<at::Tensor>& beta, double beta_scalar, const std::optional<at::Tensor>& alpha_d,
               const std::optional<at::Tensor>& weights, const at::Tensor& g, const at::Tensor& g_out,
               const std::optional<at::Tensor>& step, int64_t step_scalar, int64_t seed, int64_t K, double gamma,
               double rho, double eps, double min_beta, bool paper, int64_t select, int64_t loss_kind, bool use_m,
-              bool combine_sum, bool incr_step) {
+              bool combine_sum, bool incr_step, bool check) {
   const DamoStepArgs a{pc, pr, rc, rr, beta, beta_scalar, alpha_d, weights, g, g_out, step, step_scalar, seed, K,
-                       gamma, rho, eps, min_beta, paper, select, loss_kind, use_m, combine_sum, incr_step};
+                       gamma, rho, eps, min_beta, paper, select, loss_kind, use_m, combine_sum, incr_step, check};
   check_damo_step_args(a, "mmalign::damo_step_fwd");
   const int64_t N = pc.size(0);
   const auto opts = pc.options().dtype(pc.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
-  const DamoStepOutputs o{at::empty({}, opts), at::empty({N}, opts), at::empty({N}, opts.dtype(at::kByte)),
-                          at::empty({N}, opts), at::empty({N}, opts), at::empty({N}, opts), at::empty({N}, opts),
-                          at::empty({N}, opts), at::empty({}, opts)};
+  const DamoStepOutputs o{at::empty({}, opts),     at::empty({N}, opts), at::empty({N}, opts.dtype(at::kBool)),
+                          at::empty({N}, opts),    at::empty({N}, opts), at::empty({N}, opts),
+                          at::empty({N}, opts),    at::empty({N}, opts.dtype(at::kBool)),
+                          at::empty({N}, opts),    at::empty({N}, opts), at::empty({}, opts)};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pc.scalar_type(), "damo_step_cpu", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     step_impl<scalar_t, acc_t>(a, o);
   });
-  return {o.loss, o.losses, o.keep.view(at::kBool), o.beta, o.rw, o.rl, o.grad_u, o.dl_du, o.alpha_m};
+  return {o.loss,    o.losses,     o.keep, o.beta,  o.rw,   o.rl,
+          o.margins, o.accuracies, o.grad_u,               o.dl_du, o.alpha_m};
 }
 
 }  // namespace cpu

@@ -25,10 +25,19 @@ def _token_logps_bwd_inplace_fake(logits, grad, labels, lse, ignore_index):
     return None
 
 
-@torch.library.register_fake("mmalign::damo_step_fwd")
-def _damo_step_fwd_fake(pc, pr, rc, rr, beta, beta_scalar, alpha_d, weights, g, g_out, step, step_scalar, seed, K,
-                        gamma, rho, eps, min_beta, paper, select, loss_kind, use_m, combine_sum, incr_step):
+def _damo_step_outputs(pc, with_grads: bool):
     dt, N = _acc(pc.dtype), pc.shape[0]
     vec = lambda: pc.new_empty((N,), dtype=dt)  # noqa: E731
-    return (pc.new_empty((), dtype=dt), vec(), pc.new_empty((N,), dtype=torch.bool), vec(), vec(), vec(), vec(),
-            vec(), pc.new_empty((), dtype=dt))
+    outs = [pc.new_empty((), dtype=dt), vec(), pc.new_empty((N,), dtype=torch.bool), vec(), vec(), vec(), vec(),
+            pc.new_empty((N,), dtype=torch.bool)]
+    return tuple(outs + ([vec(), vec()] if with_grads else []) + [pc.new_empty((), dtype=dt)])
+
+
+@torch.library.register_fake("mmalign::damo_step_fwd")
+def _damo_step_fwd_fake(pc, *args):
+    return _damo_step_outputs(pc, with_grads=True)
+
+
+@torch.library.register_fake("mmalign::damo_step")
+def _damo_step_fake(pc, *args):
+    return _damo_step_outputs(pc, with_grads=False)

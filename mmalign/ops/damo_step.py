@@ -292,7 +292,7 @@ def _sigmoid(x):
 @triton.jit
 def _damo_step_kernel(
         PC, PR, RC, RR, BETA, ALPHA_D, WEIGHTS, G, STEP,
-        LOSS, LOSSES, KEEP, BETA_OUT, RW, RL, GRAD_U, DL_DU, G_OUT, ALPHA_M_OUT,
+        LOSS, LOSSES, KEEP, BETA_OUT, RW, RL, MARGINS, ACCURACIES, GRAD_U, DL_DU, G_OUT, ALPHA_M_OUT,
         N, K, beta_scalar, stride_beta, gamma, rho, eps, min_beta, seed, step_scalar,
         PAPER: tl.constexpr, SELECT: tl.constexpr, LOSS_KIND: tl.constexpr, USE_M: tl.constexpr,
         USE_D: tl.constexpr, COMBINE_SUM: tl.constexpr, HAS_BETA_T: tl.constexpr, HAS_W: tl.constexpr,
@@ -400,8 +400,11 @@ def _damo_step_kernel(
     tl.store(LOSSES + offs, losses, mask=m)
     tl.store(KEEP + offs, keep.to(tl.uint8), mask=m)
     tl.store(BETA_OUT + offs, beta_i, mask=m)
-    tl.store(RW + offs, beta_i * logr_w, mask=m)
-    tl.store(RL + offs, beta_i * logr_l, mask=m)
+    r_w, r_l = beta_i * logr_w, beta_i * logr_l
+    tl.store(RW + offs, r_w, mask=m)
+    tl.store(RL + offs, r_l, mask=m)
+    tl.store(MARGINS + offs, r_w - r_l, mask=m)
+    tl.store(ACCURACIES + offs, (r_w > r_l).to(tl.uint8), mask=m)
     tl.store(GRAD_U + offs, grad_u, mask=m)
     tl.store(DL_DU + offs, dl_du, mask=m)
     if INCR_STEP:
@@ -409,7 +412,27 @@ def _damo_step_kernel(
 
 
 # ----------------------------------------------------------------------------------------------------
-# Launchers: fwd(inputs, cfg) -> StepOutputs. Inputs are contiguous (N,) tensors on one device.
+# Backward (Triton): gu = grad_loss * dloss/du + grad_losses * dl/du; grad pc = grad rr = gu, pr/rc = -gu
+# ----------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _damo_step_bwd_kernel(GRAD_U, DL_DU, G_LOSS, G_LOSSES, POS, NEG, N, stride_gls, HAS_GL: tl.constexpr,
+                          HAS_GLS: tl.constexpr, NEED_NEG: tl.constexpr, BLOCK_N: tl.constexpr):
+    offs = tl.arange(0, BLOCK_N)
+    m = offs < N
+    gu = tl.zeros((BLOCK_N,), GRAD_U.dtype.element_ty)
+    if HAS_GL:
+        gu += tl.load(GRAD_U + offs, mask=m, other=0.0) * tl.load(G_LOSS)
+    if HAS_GLS:
+        gu += tl.load(G_LOSSES + offs * stride_gls, mask=m, other=0.0) * tl.load(DL_DU + offs, mask=m, other=0.0)
+    tl.store(POS + offs, gu, mask=m)
+    if NEED_NEG:
+        tl.store(NEG + offs, -gu, mask=m)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Launchers. Inputs are (N,) tensors on one device (contiguous for Triton; any stride for C++).
 # ----------------------------------------------------------------------------------------------------
 
 
@@ -426,34 +449,56 @@ class StepInputs(NamedTuple):
     step: int | torch.Tensor  # 0-dim int64 tensor: read on device (and incremented when incr_step)
     seed: int
     incr_step: bool
+    check: bool = False  # C++ only: raise on non-finite inputs or beta <= 0 (Triton: checked by the caller)
 
 
 class StepOutputs(NamedTuple):
+    """What every backend returns (the order of the mmalign::damo_step operator's outputs)."""
+
     loss: torch.Tensor
     losses: torch.Tensor
     keep: torch.Tensor
     beta: torch.Tensor
     chosen_rewards: torch.Tensor
     rejected_rewards: torch.Tensor
-    grad_u: torch.Tensor  # d loss / d u
-    dl_du: torch.Tensor  # d l_i / d u_i
+    margins: torch.Tensor
+    accuracies: torch.Tensor
     alpha_m: torch.Tensor
+
+
+class KernelArgs(NamedTuple):
+    K: int
+    gamma: float
+    rho: float
+    eps: float
+    min_beta: float
+    paper: bool
+    select: int
+    loss_kind: int
+    use_m: bool
+    combine_sum: bool
+
+
+@functools.lru_cache(maxsize=1024)
+def kernel_args(cfg: DAMOConfig, n: int) -> KernelArgs:
+    """The configuration as the kernels take it, for a batch of n pairs (cached: configs are frozen)."""
+    return KernelArgs(cfg.k(n), float(cfg.gamma), float(cfg.rho), float(cfg.label_smoothing), cfg.min_beta(),
+                      cfg.variant == "paper", cfg.select_code(), LOSS_TYPES.index(cfg.loss_type), cfg.use_alpha_m,
+                      cfg.combine == "sum")
 
 
 def _acc(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _alloc(x: StepInputs) -> StepOutputs:
+def _triton_fwd(x: StepInputs, cfg: DAMOConfig):
+    """The forward kernel: (StepOutputs, d loss / d u, d l_i / d u_i)."""
     N, dt, dev = x.pc.shape[0], _acc(x.pc.dtype), x.pc.device
-    vec = lambda: torch.empty(N, dtype=dt, device=dev)  # noqa: E731
-    return StepOutputs(torch.empty((), dtype=dt, device=dev), vec(), torch.empty(N, dtype=torch.uint8, device=dev),
-                       vec(), vec(), vec(), vec(), vec(), torch.empty((), dtype=dt, device=dev))
-
-
-def _triton_fwd(x: StepInputs, cfg: DAMOConfig) -> StepOutputs:
-    N = x.pc.shape[0]
-    out = _alloc(x)
+    k = kernel_args(cfg, N)
+    vec = lambda dtype=dt: torch.empty(N, dtype=dtype, device=dev)  # noqa: E731
+    loss, alpha_m = torch.empty((), dtype=dt, device=dev), torch.empty((), dtype=dt, device=dev)
+    losses, beta_i, r_w, r_l, margins, grad_u, dl_du = (vec() for _ in range(7))
+    keep, acc = vec(torch.uint8), vec(torch.uint8)
     beta_t = x.beta if isinstance(x.beta, torch.Tensor) else None
     step_t = x.step if isinstance(x.step, torch.Tensor) else None
     dummy = x.pc
@@ -461,59 +506,69 @@ def _triton_fwd(x: StepInputs, cfg: DAMOConfig) -> StepOutputs:
         x.pc, x.pr, x.rc, x.rr, beta_t if beta_t is not None else dummy,
         x.alpha_d if x.alpha_d is not None else dummy, x.weights if x.weights is not None else dummy,
         x.g, step_t if step_t is not None else dummy,
-        out.loss, out.losses, out.keep, out.beta, out.chosen_rewards, out.rejected_rewards, out.grad_u, out.dl_du,
-        x.g_out, out.alpha_m,
-        N, cfg.k(N), 0.0 if beta_t is not None else float(x.beta),
+        loss, losses, keep, beta_i, r_w, r_l, margins, acc, grad_u, dl_du, x.g_out, alpha_m,
+        N, k.K, 0.0 if beta_t is not None else float(x.beta),
         (beta_t.stride(0) if beta_t.dim() else 0) if beta_t is not None else 0,
-        float(cfg.gamma), float(cfg.rho), float(cfg.label_smoothing), cfg.min_beta(), int(x.seed),
-        0 if step_t is not None else int(x.step),
-        PAPER=cfg.variant == "paper", SELECT=cfg.select_code(), LOSS_KIND=LOSS_TYPES.index(cfg.loss_type),
-        USE_M=cfg.use_alpha_m, USE_D=cfg.use_alpha_d and x.alpha_d is not None, COMBINE_SUM=cfg.combine == "sum",
+        k.gamma, k.rho, k.eps, k.min_beta, int(x.seed), 0 if step_t is not None else int(x.step),
+        PAPER=k.paper, SELECT=k.select, LOSS_KIND=k.loss_kind, USE_M=k.use_m,
+        USE_D=cfg.use_alpha_d and x.alpha_d is not None, COMBINE_SUM=k.combine_sum,
         HAS_BETA_T=beta_t is not None, HAS_W=x.weights is not None, STEP_IS_T=step_t is not None,
         INCR_STEP=x.incr_step and step_t is not None, ACC_FP64=x.pc.dtype == torch.float64,
         BLOCK_N=max(16, triton.next_power_of_2(N)), num_warps=4 if N <= 1024 else 8)
-    return out._replace(keep=out.keep.view(torch.bool))
+    out = StepOutputs(loss, losses, keep.view(torch.bool), beta_i, r_w, r_l, margins, acc.view(torch.bool), alpha_m)
+    return out, grad_u, dl_du
 
 
-def _cpp_fwd(x: StepInputs, cfg: DAMOConfig) -> StepOutputs:
-    N = x.pc.shape[0]
-    beta_t = x.beta if isinstance(x.beta, torch.Tensor) else None
-    step_t = x.step if isinstance(x.step, torch.Tensor) else None
-    res = torch.ops.mmalign.damo_step_fwd(
-        x.pc, x.pr, x.rc, x.rr, beta_t.expand(N) if beta_t is not None else None,
-        0.0 if beta_t is not None else float(x.beta), x.alpha_d if cfg.use_alpha_d else None, x.weights,
-        x.g, x.g_out, step_t, 0 if step_t is not None else int(x.step), int(x.seed), cfg.k(N), float(cfg.gamma),
-        float(cfg.rho), float(cfg.label_smoothing), cfg.min_beta(), cfg.variant == "paper", cfg.select_code(),
-        LOSS_TYPES.index(cfg.loss_type), cfg.use_alpha_m, cfg.combine == "sum", x.incr_step and step_t is not None)
-    return StepOutputs(*res)
-
-
-FORWARD = {"triton": _triton_fwd, "cpp": _cpp_fwd}
-
-
-# ----------------------------------------------------------------------------------------------------
-# Autograd
-# ----------------------------------------------------------------------------------------------------
+def _triton_bwd(grad_u, dl_du, g_loss, g_losses, need_neg: bool):
+    N = grad_u.shape[0]
+    pos = torch.empty_like(grad_u)
+    neg = torch.empty_like(grad_u) if need_neg else pos
+    _damo_step_bwd_kernel[(1,)](
+        grad_u, dl_du, g_loss if g_loss is not None else grad_u, g_losses if g_losses is not None else grad_u,
+        pos, neg, N, g_losses.stride(0) if g_losses is not None else 0, HAS_GL=g_loss is not None,
+        HAS_GLS=g_losses is not None, NEED_NEG=need_neg, BLOCK_N=max(16, triton.next_power_of_2(N)),
+        num_warps=4 if N <= 1024 else 8)
+    return pos, neg
 
 
 class DAMOStepFunction(torch.autograd.Function):
-    """(pc, pr, rc, rr) -> (loss, losses, keep, beta_i, r_w, r_l, alpha_M); the updated running mean is
-    written into ``inputs.g_out``. The gradient is closed-form and computed by the forward kernel:
-    d loss / d u_i is saved, so backward is a multiply (u = pc - rc - pr + rr)."""
+    """Autograd for the Triton kernels: (pc, pr, rc, rr) -> StepOutputs; the updated running mean is
+    written into ``inputs.g_out``. The gradient is closed-form and computed by the forward kernel
+    (d loss / d u_i is saved), so backward is one small kernel (u = pc - rc - pr + rr). The C++ backend
+    has the same Function in C++ (csrc/damo_step_autograd.cpp)."""
 
     @staticmethod
-    def forward(ctx, pc, pr, rc, rr, inputs: StepInputs, cfg: DAMOConfig, backend: str):
-        out = FORWARD[backend](inputs._replace(pc=pc, pr=pr, rc=rc, rr=rr), cfg)
-        ctx.save_for_backward(out.grad_u, out.dl_du)
-        ctx.mark_non_differentiable(out.keep, out.beta, out.chosen_rewards, out.rejected_rewards, out.alpha_m)
-        return out.loss, out.losses, out.keep, out.beta, out.chosen_rewards, out.rejected_rewards, out.alpha_m
+    def forward(ctx, pc, pr, rc, rr, inputs: StepInputs, cfg: DAMOConfig):
+        out, grad_u, dl_du = _triton_fwd(inputs._replace(pc=pc, pr=pr, rc=rc, rr=rr), cfg)
+        ctx.save_for_backward(grad_u, dl_du)
+        ctx.mark_non_differentiable(*out[2:])
+        return tuple(out)
 
     @staticmethod
     def backward(ctx, g_loss, g_losses, *_):
-        grad_u, dl_du = ctx.saved_tensors
-        gu = grad_u * g_loss if g_loss is not None else torch.zeros_like(grad_u)
-        if g_losses is not None:
-            gu = gu + g_losses * dl_du
         need = ctx.needs_input_grad
-        return (gu if need[0] else None, -gu if need[1] else None, -gu if need[2] else None,
-                gu if need[3] else None, None, None, None)
+        pos, neg = _triton_bwd(*ctx.saved_tensors, g_loss, g_losses, need[1] or need[2])
+        return (pos if need[0] else None, neg if need[1] else None, neg if need[2] else None,
+                pos if need[3] else None, None, None)
+
+
+def _cpp_step(x: StepInputs, cfg: DAMOConfig):
+    N = x.pc.shape[0]
+    beta_t = x.beta if isinstance(x.beta, torch.Tensor) else None
+    step_t = x.step if isinstance(x.step, torch.Tensor) else None
+    return torch.ops.mmalign.damo_step(
+        x.pc, x.pr, x.rc, x.rr, beta_t.expand(N) if beta_t is not None else None,
+        0.0 if beta_t is not None else float(x.beta), x.alpha_d if cfg.use_alpha_d else None, x.weights,
+        x.g, x.g_out, step_t, 0 if step_t is not None else int(x.step), int(x.seed), *kernel_args(cfg, N),
+        x.incr_step and step_t is not None, x.check)
+
+
+def fused_step(backend: str, x: StepInputs, cfg: DAMOConfig) -> StepOutputs:
+    """One fused step on ``backend`` ("triton" or "cpp"); differentiable w.r.t. x.pc, pr, rc, rr."""
+    if backend == "cpp":
+        return StepOutputs(*_cpp_step(x, cfg))
+    x = x._replace(pc=x.pc.contiguous(), pr=x.pr.contiguous(), rc=x.rc.contiguous(), rr=x.rr.contiguous(),
+                   beta=x.beta.contiguous() if isinstance(x.beta, torch.Tensor) else x.beta,
+                   alpha_d=None if x.alpha_d is None else x.alpha_d.contiguous(),
+                   weights=None if x.weights is None else x.weights.contiguous())
+    return StepOutputs(*DAMOStepFunction.apply(x.pc, x.pr, x.rc, x.rr, x, cfg))

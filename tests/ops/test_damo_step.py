@@ -253,6 +253,56 @@ def test_non_finite_inputs_propagate_when_unchecked(device, backend, dtype, bad)
         F.damo_step(u, z, z, z, g, backend=backend)
 
 
+@pytest.mark.parametrize("device,backend,dtype", cases(OP))
+@pytest.mark.parametrize("arg", ["policy_chosen_logps", "ref_rejected_logps", "running_mean", "alpha_d", "weights",
+                                 "beta"])
+def test_checked_inputs_name_the_argument_and_change_nothing(rng, device, backend, dtype, arg):
+    """check_inputs (the default): the C++ kernel tests the values in its own pass, Triton and the
+    reference through the Python check; the same message, and neither g nor step is touched."""
+    logps, alpha_d = _inputs(rng, 6, device, dtype)
+    kw = dict(alpha_d=alpha_d, weights=torch.ones(6, dtype=dtype, device=device), beta=0.1)
+    g, step = torch.tensor(0.25, device=device), torch.tensor(4, device=device)
+    if arg in ("alpha_d", "weights"):
+        kw[arg] = kw[arg].clone().index_fill_(0, torch.tensor([2], device=device), float("nan"))
+    elif arg == "beta":
+        kw["beta"] = torch.full((6,), 0.1, dtype=dtype, device=device).index_fill_(0, torch.tensor([3], device=device),
+                                                                                     -0.1)
+    elif arg == "running_mean":
+        g.fill_(float("inf"))
+    else:
+        i = 0 if arg == "policy_chosen_logps" else 3
+        logps[i] = logps[i].clone().index_fill_(0, torch.tensor([1], device=device), float("-inf"))
+    match = "beta: expected every beta > 0" if arg == "beta" else f"{arg}: expected finite values"
+    with pytest.raises(ValueError, match=match):
+        F.damo_step(*logps, g, step=step, increment_step=True, inplace=True, backend=backend, **kw)
+    assert step.item() == 4 and (g.item() == 0.25 or arg == "running_mean")
+
+
+@pytest.mark.parametrize("device,backend,dtype", cases(OP))
+def test_gradient_through_per_pair_losses(rng, device, backend, dtype):
+    """Gradients flowing into the per-pair losses (alone, with the loss, and as an expanded, stride-0
+    gradient from losses.sum()) match the reference's autograd."""
+    logps, alpha_d = _inputs(rng, 12, device, dtype)
+    logps = [t.requires_grad_() for t in logps]
+    g = torch.tensor(0.3, device=device)
+    w = torch.rand(12, generator=rng, dtype=torch.float64).to(device=device, dtype=dtype)
+    out, ref = _run(logps, alpha_d, g, {}, backend), _ref(logps, alpha_d, g, {})
+    for f in (lambda o: o.metrics.losses.sum(), lambda o: (o.metrics.losses * w).sum() + 3 * o.loss):
+        for a, b in zip(torch.autograd.grad(f(out), logps, retain_graph=True),
+                        torch.autograd.grad(f(ref), logps, retain_graph=True)):
+            torch.testing.assert_close(a, b)
+
+
+def test_inference_mode_runs_without_autograd(rng):
+    """Under torch.inference_mode the operator runs its forward kernel alone (no autograd kernel)."""
+    logps, alpha_d = _inputs(rng, 16, "cpu")
+    ref = _ref(logps, alpha_d, torch.tensor(0.2), {})
+    for backend in backends(OP, "cpu", torch.float64):
+        with torch.inference_mode():
+            out = _run(logps, alpha_d, torch.tensor(0.2), {}, backend)
+        _assert_same(out, ref)
+
+
 def test_in_place_running_mean_and_step_tensor(rng):
     logps, alpha_d = _inputs(rng, 16, "cpu")
     for backend in backends(OP, "cpu", torch.float64, include_reference=True):
@@ -317,8 +367,10 @@ def test_opcheck(rng):
         pytest.skip("extension not built")
     logps, alpha_d = _inputs(rng, 9, "cpu", torch.float32)
     args = (*logps, None, 0.1, alpha_d, None, torch.tensor(0.0), torch.tensor(0.0), torch.tensor(2), 0, 5, 7, 0.9, 0.5,
-            0.0, 1e-3, False, 2, 0, True, False, True)
+            0.0, 1e-3, False, 2, 0, True, False, True, True)
     torch.library.opcheck(torch.ops.mmalign.damo_step_fwd.default, args)
+    grads = tuple(t.detach().requires_grad_() for t in logps)  # the C++ autograd op, its gradient included
+    torch.library.opcheck(torch.ops.mmalign.damo_step.default, grads + args[4:])
 
 
 @pytest.mark.gpu
