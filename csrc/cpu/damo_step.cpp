@@ -1,6 +1,7 @@
 // CPU kernel of the fused DAMO step (SPEC.md sections 2, 3, 5); mirrors _damo_step_kernel in
-// mmalign/ops/damo_step.py line by line: same keys, same float32 ordering with ties towards the lower
-// index, same counter-based random numbers, so both backends keep the same pairs.
+// mmalign/ops/damo_step.py: same keys, same float32 ordering with ties towards the lower index, same
+// counter-based random numbers, so both backends keep the same pairs. The per-pair loss shares one exp
+// and one log1p between logsigmoid(+-m) and sigmoid(+-m) (the same values, fewer transcendentals).
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -30,11 +31,6 @@ inline uint64_t mix64(uint64_t z) {
 template <typename T>
 inline T sigmoid(T x) {
   return T(1) / (T(1) + std::exp(-x));
-}
-
-template <typename T>
-inline T logsigmoid(T x) {
-  return std::min(x, T(0)) - std::log1p(std::exp(-std::abs(x)));
 }
 
 // Order-preserving int64 of (float32 key, index): larger key first, then lower index.
@@ -124,9 +120,9 @@ void step_impl(const DamoStepArgs& a, const DamoStepOutputs& o) {
       key[i] = a.select == kSelectBottom ? -A[i] : a.select == kSelectTop ? A[i] : a.paper ? -d * d : -d * d / 2;
     }
     if (a.select == kSelectClosestSample) {
-      bool any_w = false;
-      for (int64_t i = 0; i < N; ++i) any_w = any_w || std::exp(key[i]) > acc_t(0);
-      if (any_w) {
+      // some w_i = exp(key_i) > 0  <=>  exp(max key) > 0 (one exp instead of N)
+      const acc_t max_key = *std::max_element(key.begin(), key.end());
+      if (std::exp(max_key) > acc_t(0)) {
         const uint64_t step = a.step.has_value() ? static_cast<uint64_t>(*a.step->const_data_ptr<int64_t>())
                                                  : static_cast<uint64_t>(a.step_scalar);
         const uint64_t rkey = mix64(mix64(static_cast<uint64_t>(a.seed)) + step);
@@ -149,8 +145,9 @@ void step_impl(const DamoStepArgs& a, const DamoStepOutputs& o) {
 
   // ---- alpha_M and the running mean ----
   acc_t sum_sig = 0, sum_A_kept = 0, sum_A = 0;
+  const bool need_sig = a.use_m && !a.paper;
   for (int64_t i = 0; i < N; ++i) {
-    sum_sig += keep[i] ? sigmoid(A[i]) : acc_t(0);
+    if (need_sig && keep[i]) sum_sig += sigmoid(A[i]);
     sum_A_kept += keep[i] ? A[i] : acc_t(0);
     sum_A += A[i];
   }
@@ -174,8 +171,13 @@ void step_impl(const DamoStepArgs& a, const DamoStepOutputs& o) {
     beta_i[i] = std::max(beta[i] * alpha, static_cast<acc_t>(a.min_beta));
     const acc_t mm = beta_i[i] * u[i];
     if (a.loss_kind == 0) {
-      losses[i] = -(1 - eps) * logsigmoid(mm) - eps * logsigmoid(-mm);
-      dl_du[i] = beta_i[i] * (-(1 - eps) * sigmoid(-mm) + eps * sigmoid(mm));
+      // one exp and one log1p for logsigmoid(+-mm) and sigmoid(+-mm), all without cancellation
+      const acc_t e = std::exp(-std::abs(mm));
+      const acc_t l1pe = std::log1p(e);
+      const acc_t inv = acc_t(1) / (acc_t(1) + e);
+      const acc_t sig = mm >= 0 ? inv : e * inv, sig_neg = mm >= 0 ? e * inv : inv;
+      losses[i] = -(1 - eps) * (std::min(mm, acc_t(0)) - l1pe) - eps * (std::min(-mm, acc_t(0)) - l1pe);
+      dl_du[i] = beta_i[i] * (-(1 - eps) * sig_neg + eps * sig);
     } else if (a.loss_kind == 1) {
       const acc_t d = u[i] - 1 / (2 * beta_i[i]);
       losses[i] = d * d;
