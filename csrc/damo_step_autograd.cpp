@@ -8,9 +8,13 @@
 // beta_i, alpha_D, the weights and the kept set are constants for the gradient (SPEC.md section 3).
 // The CompositeExplicitAutograd kernel serves calls that bypass autograd (inference mode, no_grad
 // tensors without autograd keys).
+#include <ATen/Dispatch.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
+
+#include <array>
+#include <utility>
 
 #include "damo_step.h"
 
@@ -30,30 +34,67 @@ DamoStepTuple call_fwd(const DamoStepArgs& a) {
                  a.use_m, a.combine_sum, a.incr_step, a.check);
 }
 
+// A CPU tensor with real data (not a fake, functional or symbolic-shape tensor seen while tracing).
+bool plain_cpu(const at::Tensor& t) {
+  const auto tracing = c10::DispatchKeySet({c10::DispatchKey::Python, c10::DispatchKey::PythonTLSSnapshot,
+                                            c10::DispatchKey::Functionalize});
+  return t.is_cpu() && !t.key_set().has_any(tracing) && !t.unsafeGetTensorImpl()->has_symbolic_sizes_strides();
+}
+
+// The non-differentiable outputs (keep, beta_i, rewards, margins, accuracies, alpha_M) leave the
+// forward through this holder rather than as Function outputs: they need no autograd metadata.
+using Metrics7 = std::array<at::Tensor, 7>;
+
 class DamoStepFunction : public torch::autograd::Function<DamoStepFunction> {
  public:
   // pc, pr, rc, rr are passed on their own so that autograd sees them as the differentiable inputs.
   static variable_list forward(AutogradContext* ctx, const at::Tensor& pc, const at::Tensor& pr,
-                               const at::Tensor& rc, const at::Tensor& rr, const DamoStepArgs& a) {
+                               const at::Tensor& rc, const at::Tensor& rr, const DamoStepArgs& a, Metrics7* metrics) {
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [loss, losses, keep, beta, rw, rl, margins, acc, grad_u, dl_du, alpha_m] = call_fwd(a);
-    ctx->set_materialize_grads(false);  // unused outputs get no zero-filled gradients
+    ctx->set_materialize_grads(false);  // an unused output gets no zero-filled gradient
     ctx->save_for_backward({grad_u, dl_du});
-    ctx->mark_non_differentiable({keep, beta, rw, rl, margins, acc, alpha_m});
-    return {loss, losses, keep, beta, rw, rl, margins, acc, alpha_m};
+    *metrics = {keep, beta, rw, rl, margins, acc, alpha_m};
+    return {loss, losses};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto saved = ctx->get_saved_variables();
-    const at::Tensor& grad_u = saved[0];
-    const at::Tensor& dl_du = saved[1];
-    at::Tensor gu;
-    if (grads[0].defined()) gu = grad_u.mul(grads[0]);
-    if (grads[1].defined()) gu = gu.defined() ? gu.addcmul(grads[1], dl_du) : grads[1].mul(dl_du);
-    if (!gu.defined()) gu = at::zeros_like(grad_u);
-    const at::Tensor neg = (ctx->needs_input_grad(1) || ctx->needs_input_grad(2)) ? gu.neg() : at::Tensor();
+    const bool need_neg = ctx->needs_input_grad(1) || ctx->needs_input_grad(2);
+    auto [gu, neg] = input_grads(saved[0], saved[1], grads[0], grads[1], need_neg);
     return {ctx->needs_input_grad(0) ? gu : at::Tensor(), neg, neg, ctx->needs_input_grad(3) ? gu : at::Tensor(),
-            at::Tensor()};
+            at::Tensor(), at::Tensor()};
+  }
+
+ private:
+  // gu = g_loss * grad_u + g_losses * dl_du (either gradient may be undefined) and, if asked, -gu.
+  static std::pair<at::Tensor, at::Tensor> input_grads(const at::Tensor& grad_u, const at::Tensor& dl_du,
+                                                       const at::Tensor& g_loss, const at::Tensor& g_losses,
+                                                       bool need_neg) {
+    if (!plain_cpu(grad_u) || (g_loss.defined() && !plain_cpu(g_loss)) || (g_losses.defined() && !plain_cpu(g_losses))) {
+      at::Tensor gu = g_loss.defined() ? grad_u.mul(g_loss) : at::zeros_like(grad_u);
+      if (g_losses.defined()) gu = gu.addcmul(g_losses, dl_du);
+      return {gu, need_neg ? gu.neg() : at::Tensor()};
+    }
+    // plain CPU tensors: one pass, no dispatcher round trips (this runs on every training step)
+    at::Tensor gu = at::empty_like(grad_u), neg = need_neg ? at::empty_like(grad_u) : at::Tensor();
+    AT_DISPATCH_FLOATING_TYPES(grad_u.scalar_type(), "damo_step_backward", [&] {
+      const int64_t N = grad_u.numel();
+      const scalar_t* GU = grad_u.const_data_ptr<scalar_t>();
+      const scalar_t* DL = dl_du.const_data_ptr<scalar_t>();
+      const scalar_t gl = g_loss.defined() ? g_loss.to(grad_u.scalar_type()).item<scalar_t>() : scalar_t(0);
+      const at::Tensor gls = g_losses.defined() ? g_losses.to(grad_u.scalar_type()) : at::Tensor();
+      const scalar_t* GLS = gls.defined() ? gls.const_data_ptr<scalar_t>() : nullptr;
+      const int64_t st = gls.defined() ? gls.stride(0) : 0;
+      scalar_t* P = gu.mutable_data_ptr<scalar_t>();
+      scalar_t* M = need_neg ? neg.mutable_data_ptr<scalar_t>() : nullptr;
+      for (int64_t i = 0; i < N; ++i) {
+        const scalar_t v = gl * GU[i] + (GLS ? GLS[i * st] * DL[i] : scalar_t(0));
+        P[i] = v;
+        if (M) M[i] = -v;
+      }
+    });
+    return {gu, neg};
   }
 };
 
@@ -68,8 +109,9 @@ Outputs9 damo_step(const at::Tensor& pc, const at::Tensor& pr, const at::Tensor&
   const DamoStepArgs a{pc, pr, rc, rr, beta, beta_scalar, alpha_d, weights, g, g_out, step, step_scalar, seed, K,
                        gamma, rho, eps, min_beta, paper, select, loss_kind, use_m, combine_sum, incr_step, check};
   if constexpr (kAutograd) {
-    auto o = DamoStepFunction::apply(pc, pr, rc, rr, a);
-    return {o[0], o[1], o[2], o[3], o[4], o[5], o[6], o[7], o[8]};
+    Metrics7 m;
+    auto o = DamoStepFunction::apply(pc, pr, rc, rr, a, &m);
+    return {o[0], o[1], m[0], m[1], m[2], m[3], m[4], m[5], m[6]};
   } else {
     auto [loss, losses, keep, beta_i, rw, rl, margins, acc, grad_u, dl_du, alpha_m] = call_fwd(a);
     return {loss, losses, keep, beta_i, rw, rl, margins, acc, alpha_m};

@@ -127,16 +127,28 @@ def _forced(op: str) -> str | None:
     return None
 
 
+# select() runs on every op call; os.environ.get re-encodes the name and decodes the value each time
+# (~1 us). The cache key only needs the raw values: one dict lookup each (os.environ.get as fallback).
+_ENV_DATA, _ENV_ENCODE = getattr(os.environ, "_data", None), getattr(os.environ, "encodekey", None)
+_ENV_KEYS = {n: _ENV_ENCODE(n) for n in ("MMALIGN_BACKEND", "TRITON_INTERPRET")} if _ENV_ENCODE else {}
+
+
+def _raw_env(name: str):
+    if _ENV_DATA is None or name not in _ENV_KEYS:
+        return os.environ.get(name)
+    return _ENV_DATA.get(_ENV_KEYS[name])
+
+
 def select(op: str, device, dtype: torch.dtype, backend: str | None = None) -> str:
     """The backend that runs ``op`` on (device, dtype): ``backend`` if given, else ``MMALIGN_BACKEND``,
     else the first of ``PRIORITY`` that can run. A forced backend that cannot run raises. The answer
     is cached per (op, device type, dtype, backend, MMALIGN_BACKEND, TRITON_INTERPRET)."""
-    return _select(op, _device_type(device), dtype, backend, os.environ.get("MMALIGN_BACKEND", ""),
-                   _triton.interpreting())
+    return _select(op, _device_type(device), dtype, backend, _raw_env("MMALIGN_BACKEND"),
+                   _raw_env("TRITON_INTERPRET"))
 
 
 @functools.lru_cache(maxsize=1024)
-def _select(op: str, device: str, dtype: torch.dtype, backend, _env: str, _interp: bool) -> str:
+def _select(op: str, device: str, dtype: torch.dtype, backend, _env, _interp) -> str:
     forced, source = (backend, "backend=") if backend is not None else (_forced(op), "MMALIGN_BACKEND")
     if forced is not None:
         if forced not in BACKENDS:

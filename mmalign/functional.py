@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 
 import torch
+import torch.distributed
 
 from . import _checks, _dispatch
 from .ops.fused_linear_sequence_logps import (FusedLinearTokenLogpsFunction, chunk_rows,
@@ -13,6 +14,8 @@ from .ops import damo_step as ds
 from .ops.damo_step import DAMOConfig, DAMOMetrics, DAMOStep, damo_step_reference
 from .ops.preference_loss import PreferenceLoss, preference_loss_reference
 from .ops.sequence_logps import SequenceLogps, TokenLogpsFunction, reduce_token_logps, token_logps_reference
+
+_DIST_AVAILABLE = torch.distributed.is_available()
 
 __all__ = ["sequence_logps", "token_logps", "fused_linear_sequence_logps", "SequenceLogps", "preference_loss",
            "damo_step"]
@@ -128,26 +131,28 @@ _LOGP_NAMES = ("policy_chosen_logps", "policy_rejected_logps", "ref_chosen_logps
 def _check_pair_inputs(logps, beta, running_mean, alpha_d, weights):
     """Shapes, dtypes and devices of the per-pair inputs. Returns (N, device). Runs on every step: one
     cheap test per tensor; :func:`_checks.tensor` builds the message of the first that fails."""
-    first = logps[0]
-    _checks.tensor(_LOGP_NAMES[0], first, dim=1, dtypes=_checks.FLOATS)
+    first, floats = logps[0], _checks.FLOATS
+    if not (isinstance(first, torch.Tensor) and first.dim() == 1 and first.dtype in floats):
+        _checks.tensor(_LOGP_NAMES[0], first, dim=1, dtypes=floats)
     shape, dev = first.shape, first.device
     N = shape[0]
     if N == 0:
         raise ValueError(f"{_LOGP_NAMES[0]}: expected at least one pair, got shape (0,)")
-    vectors = list(zip(_LOGP_NAMES[1:], logps[1:])) + [(n, t) for n, t in (("alpha_d", alpha_d),
-                                                                           ("weights", weights)) if t is not None]
-    for name, t in vectors:
-        if not (isinstance(t, torch.Tensor) and t.shape == shape and t.dtype in _checks.FLOATS and t.device == dev):
-            _checks.tensor(name, t, shape=(N,), dtypes=_checks.FLOATS, device=dev)
+    for name, t in ((_LOGP_NAMES[1], logps[1]), (_LOGP_NAMES[2], logps[2]), (_LOGP_NAMES[3], logps[3]),
+                    ("alpha_d", alpha_d), ("weights", weights)):
+        if t is not None and not (isinstance(t, torch.Tensor) and t.shape == shape and t.dtype in floats
+                                  and t.device == dev):
+            _checks.tensor(name, t, shape=(N,), dtypes=floats, device=dev)
     if isinstance(beta, torch.Tensor):
         if beta.dim() > 1 or (beta.dim() == 1 and beta.shape[0] != N):
             raise ValueError(f"beta: expected a float, a 0-dim tensor or shape ({N},), got {tuple(beta.shape)}")
-        _checks.tensor("beta", beta, dtypes=_checks.FLOATS, device=dev)
+        _checks.tensor("beta", beta, dtypes=floats, device=dev)
     elif not isinstance(beta, (int, float)) or isinstance(beta, bool):
         raise TypeError(f"beta: expected a float or a tensor, got {type(beta).__name__}")
     elif not beta > 0:
         raise ValueError(f"beta: expected beta > 0, got {beta}")
-    if running_mean is not None:
+    if running_mean is not None and not (isinstance(running_mean, torch.Tensor) and running_mean.dim() == 0
+                                         and running_mean.dtype == torch.float32 and running_mean.device == dev):
         _checks.tensor("running_mean", running_mean, shape=(), dtypes=(torch.float32,), device=dev)
     return N, dev
 
@@ -245,7 +250,7 @@ def damo_step(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Te
         cfg = _config(preset, variant, selection, filter, keep, gamma, combine, rho, loss_type, label_smoothing)
     logps = (policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
     N, dev = _check_pair_inputs(logps, beta, running_mean, alpha_d, weights)
-    if isinstance(step, torch.Tensor):
+    if isinstance(step, torch.Tensor) and not (step.dim() == 0 and step.dtype == torch.int64 and step.device == dev):
         _checks.tensor("step", step, shape=(), dtypes=(torch.int64,), device=dev)
     if not isinstance(seed, int) or not 0 <= seed < 2**63:
         raise ValueError(f"seed: expected an int in [0, 2**63), got {seed!r}")
@@ -292,13 +297,11 @@ def _damo_step_local(logps, running_mean, beta, alpha_d, weights, cfg, seed, ste
 
 
 def _world(group) -> int:
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
+    if not (_DIST_AVAILABLE and torch.distributed.is_initialized()):
         if group is not None:
             raise ValueError("group: torch.distributed is not initialized")
         return 1
-    return dist.get_world_size(group)
+    return torch.distributed.get_world_size(group)
 
 
 def _damo_step_distributed(logps, running_mean, beta, alpha_d, weights, cfg, seed, step, increment_step, inplace,
@@ -306,9 +309,7 @@ def _damo_step_distributed(logps, running_mean, beta, alpha_d, weights, cfg, see
     """Gather the per-pair statistics of every rank, run the step on the global batch (identically on
     every rank), and return this rank's share of the loss. This rank's slice of the gathered log-ratios
     stays in the autograd graph, so the kernel's own backward gives its exact gradient."""
-    import torch.distributed as dist
-
-
+    dist = torch.distributed
     pc, pr, rc, rr = logps
     logr_w, logr_l = pc - rc, pr - rr
     world, rank, N = dist.get_world_size(group), dist.get_rank(group), pc.shape[0]
