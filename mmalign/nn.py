@@ -1,6 +1,8 @@
 """Thin modules: each stores its configuration and calls one function of mmalign.functional."""
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from . import functional as F
@@ -75,7 +77,7 @@ class DAMOLoss(torch.nn.Module):
                            check_inputs=self.check_inputs, backend=self.backend)
 
     def get_extra_state(self):
-        return {"seed": self.seed, "config": self.config.__dict__, "beta": self.beta}
+        return {"seed": self.seed, "config": dataclasses.asdict(self.config), "beta": self.beta}
 
     def set_extra_state(self, state):
         from .ops.damo_step import DAMOConfig

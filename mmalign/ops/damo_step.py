@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import NamedTuple
 
 import numpy as np
@@ -60,7 +60,7 @@ OFFICIAL_MIN_BETA = 1e-3
 SELECT_ALL, SELECT_CLOSEST, SELECT_CLOSEST_SAMPLE, SELECT_BOTTOM, SELECT_TOP = range(5)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class DAMOConfig:
     """Everything that decides the DAMO step but the data. See the module docstring and SPEC.md §3/§5."""
 
@@ -76,10 +76,27 @@ class DAMOConfig:
     loss_type: str = "sigmoid"
     label_smoothing: float = 0.0
 
+    # Equality and hash see keep's type: keep=1 (K = 1) and keep=1.0 (every pair) differ although
+    # 1 == 1.0 in Python. The hash is computed once (configs are hashed on every step by caches).
+    def _key(self) -> tuple:
+        return tuple(getattr(self, f.name) for f in fields(self)) + (type(self.keep),)
+
+    def __eq__(self, other) -> bool:
+        return type(other) is DAMOConfig and self._key() == other._key()
+
+    def __hash__(self) -> int:
+        h = self.__dict__.get("_hash")
+        if h is None:
+            h = hash(self._key())
+            object.__setattr__(self, "_hash", h)
+        return h
+
     @staticmethod
     def from_preset(preset: str | None, **overrides) -> "DAMOConfig":
         """The validated configuration of ``preset`` with ``overrides`` (None values ignored); cached."""
-        return _from_preset(preset, tuple(sorted((k, v) for k, v in overrides.items() if v is not None)))
+        # typed key: an lru_cache would take keep=1.0 for a cached keep=1 (1 == 1.0)
+        return _from_preset(preset, tuple(sorted((k, type(v).__name__, v) for k, v in overrides.items()
+                                                 if v is not None)))
 
     @staticmethod
     def _build(preset: str | None, overrides: dict) -> "DAMOConfig":
@@ -138,7 +155,7 @@ class DAMOConfig:
 
 @functools.lru_cache(maxsize=256)
 def _from_preset(preset, overrides: tuple) -> DAMOConfig:
-    return DAMOConfig._build(preset, dict(overrides))
+    return DAMOConfig._build(preset, {k: v for k, _, v in overrides})
 
 
 @functools.lru_cache(maxsize=256)
@@ -552,11 +569,18 @@ class DAMOStepFunction(torch.autograd.Function):
                 pos if need[3] else None, None, None)
 
 
+@functools.lru_cache(maxsize=None)
+def _op(name: str):
+    """The C++ operator's callable, without torch.ops' Python-level OpOverloadPacket/OpOverload calls."""
+    overload = getattr(torch.ops.mmalign, name).default
+    return getattr(overload, "_op", overload)
+
+
 def _cpp_step(x: StepInputs, cfg: DAMOConfig):
     N = x.pc.shape[0]
     beta_t = x.beta if isinstance(x.beta, torch.Tensor) else None
     step_t = x.step if isinstance(x.step, torch.Tensor) else None
-    return torch.ops.mmalign.damo_step(
+    return _op("damo_step")(
         x.pc, x.pr, x.rc, x.rr, beta_t.expand(N) if beta_t is not None else None,
         0.0 if beta_t is not None else float(x.beta), x.alpha_d if cfg.use_alpha_d else None, x.weights,
         x.g, x.g_out, step_t, 0 if step_t is not None else int(x.step), int(x.seed), *kernel_args(cfg, N),

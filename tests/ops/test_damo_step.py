@@ -346,6 +346,16 @@ def test_mismatched_devices():
         F.damo_step(a, a.to("meta"), a, a, torch.tensor(0.0))
 
 
+def test_keep_one_and_keep_ratio_one_are_different_configs(rng):
+    """keep=1 is K = 1, keep=1.0 keeps every pair; 1 == 1.0 in Python, so no cache may mix them up."""
+    logps, alpha_d = _inputs(rng, 8, "cpu")
+    for first, second in ((1, 1.0), (1.0, 1)):
+        a = F.damo_step(*logps, torch.tensor(0.0), keep=first)
+        b = F.damo_step(*logps, torch.tensor(0.0), keep=second)
+        assert {int(a.metrics.keep.sum()), int(b.metrics.keep.sum())} == {1, 8}
+    assert DAMOConfig(keep=1) != DAMOConfig(keep=1.0) and DAMOConfig.from_preset(None, keep=1.0).keep == 1.0
+
+
 def test_module_state_and_modes(rng):
     logps, alpha_d = _inputs(rng, 16, "cpu")
     m = mmalign.nn.DAMOLoss(beta=0.1, seed=3)
