@@ -40,14 +40,22 @@ struct DamoStepOutputs {
 using DamoStepTuple = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
                                  at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
+// The parameters of the damo_step operators in schema order (csrc/ops.cpp), for every unboxed kernel
+// of them, and their bundle.
+#define MMALIGN_DAMO_STEP_PARAMS                                                                              \
+  const at::Tensor& pc, const at::Tensor& pr, const at::Tensor& rc, const at::Tensor& rr,                     \
+      const std::optional<at::Tensor>& beta, double beta_scalar, const std::optional<at::Tensor>& alpha_d,    \
+      const std::optional<at::Tensor>& weights, const at::Tensor& g, const at::Tensor& g_out,                 \
+      const std::optional<at::Tensor>& step, int64_t step_scalar, int64_t seed, int64_t K, double gamma,      \
+      double rho, double eps, double min_beta, bool paper, int64_t select, int64_t loss_kind, bool use_m,     \
+      bool combine_sum, bool incr_step, bool check
+#define MMALIGN_DAMO_STEP_BUNDLE                                                                              \
+  ::mmalign::DamoStepArgs{pc,    pr,  rc,  rr,       beta,  beta_scalar, alpha_d,   weights, g,           \
+                          g_out, step, step_scalar, seed, K, gamma, rho, eps, min_beta, paper, select,      \
+                          loss_kind, use_m, combine_sum, incr_step, check}
+
 // The C++ signature of mmalign::damo_step_fwd (every kernel of it, and the autograd op that calls it).
-using DamoStepFwdFn = DamoStepTuple(const at::Tensor& pc, const at::Tensor& pr, const at::Tensor& rc,
-                                    const at::Tensor& rr, const std::optional<at::Tensor>& beta, double beta_scalar,
-                                    const std::optional<at::Tensor>& alpha_d, const std::optional<at::Tensor>& weights,
-                                    const at::Tensor& g, const at::Tensor& g_out, const std::optional<at::Tensor>& step,
-                                    int64_t step_scalar, int64_t seed, int64_t K, double gamma, double rho, double eps,
-                                    double min_beta, bool paper, int64_t select, int64_t loss_kind, bool use_m,
-                                    bool combine_sum, bool incr_step, bool check);
+using DamoStepFwdFn = DamoStepTuple(MMALIGN_DAMO_STEP_PARAMS);
 
 void check_damo_step_args(const DamoStepArgs& a, const char* op);
 

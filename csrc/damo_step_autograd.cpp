@@ -100,14 +100,8 @@ class DamoStepFunction : public torch::autograd::Function<DamoStepFunction> {
 
 // kAutograd: through DamoStepFunction (the Autograd kernel); else the forward alone.
 template <bool kAutograd>
-Outputs9 damo_step(const at::Tensor& pc, const at::Tensor& pr, const at::Tensor& rc, const at::Tensor& rr,
-                   const std::optional<at::Tensor>& beta, double beta_scalar, const std::optional<at::Tensor>& alpha_d,
-                   const std::optional<at::Tensor>& weights, const at::Tensor& g, const at::Tensor& g_out,
-                   const std::optional<at::Tensor>& step, int64_t step_scalar, int64_t seed, int64_t K, double gamma,
-                   double rho, double eps, double min_beta, bool paper, int64_t select, int64_t loss_kind, bool use_m,
-                   bool combine_sum, bool incr_step, bool check) {
-  const DamoStepArgs a{pc, pr, rc, rr, beta, beta_scalar, alpha_d, weights, g, g_out, step, step_scalar, seed, K,
-                       gamma, rho, eps, min_beta, paper, select, loss_kind, use_m, combine_sum, incr_step, check};
+Outputs9 damo_step(MMALIGN_DAMO_STEP_PARAMS) {
+  const DamoStepArgs a = MMALIGN_DAMO_STEP_BUNDLE;
   if constexpr (kAutograd) {
     Metrics7 m;
     auto o = DamoStepFunction::apply(pc, pr, rc, rr, a, &m);

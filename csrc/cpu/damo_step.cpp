@@ -219,14 +219,8 @@ void step_impl(const DamoStepArgs& a, const DamoStepOutputs& o) {
 
 }  // namespace
 
-DamoStepTuple damo_step_fwd(const at::Tensor& pc, const at::Tensor& pr, const at::Tensor& rc, const at::Tensor& rr,
-              const std::optional<at::Tensor>& beta, double beta_scalar, const std::optional<at::Tensor>& alpha_d,
-              const std::optional<at::Tensor>& weights, const at::Tensor& g, const at::Tensor& g_out,
-              const std::optional<at::Tensor>& step, int64_t step_scalar, int64_t seed, int64_t K, double gamma,
-              double rho, double eps, double min_beta, bool paper, int64_t select, int64_t loss_kind, bool use_m,
-              bool combine_sum, bool incr_step, bool check) {
-  const DamoStepArgs a{pc, pr, rc, rr, beta, beta_scalar, alpha_d, weights, g, g_out, step, step_scalar, seed, K,
-                       gamma, rho, eps, min_beta, paper, select, loss_kind, use_m, combine_sum, incr_step, check};
+DamoStepTuple damo_step_fwd(MMALIGN_DAMO_STEP_PARAMS) {
+  const DamoStepArgs a = MMALIGN_DAMO_STEP_BUNDLE;
   check_damo_step_args(a, "mmalign::damo_step_fwd");
   const int64_t N = pc.size(0);
   const auto opts = pc.options().dtype(pc.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
