@@ -420,3 +420,19 @@ def test_batches_beyond_one_program_take_the_eager_path(rng, monkeypatch):
     logps, alpha_d = _inputs(rng, 20, "cpu")
     g = torch.tensor(0.3)
     _assert_same(_run(logps, alpha_d, g, {}, "triton"), _ref(logps, alpha_d, g, {}))
+
+
+@pytest.mark.filterwarnings("ignore:Dynamo detected a call to a `functools.lru_cache`")
+def test_torch_compile_runs_the_step(rng):
+    """Under torch.compile the step gives the eager values and gradients (the C++ operator has fake
+    kernels; its autograd is C++)."""
+    logps, alpha_d = _inputs(rng, 16, "cpu", torch.float32)
+    logps = [t.requires_grad_() for t in logps]
+
+    def step(*x):
+        return F.damo_step(*x, torch.tensor(0.3), alpha_d=alpha_d, selection="topk", check_inputs=False).loss * 2
+
+    out, ref = torch.compile(step, backend="aot_eager")(*logps), step(*logps)
+    torch.testing.assert_close(out, ref)
+    for a, b in zip(torch.autograd.grad(out, logps), torch.autograd.grad(ref, logps)):
+        torch.testing.assert_close(a, b)
