@@ -1,10 +1,16 @@
 // CPU kernel of the fused DAMO step (SPEC.md sections 2, 3, 5); mirrors _damo_step_kernel in
 // mmalign/ops/damo_step.py: same keys, same float32 ordering with ties towards the lower index, same
 // counter-based random numbers, so both backends keep the same pairs. The per-pair loss shares one exp
-// and one log1p between logsigmoid(+-m) and sigmoid(+-m) (the same values, fewer transcendentals).
+// and one log1p between logsigmoid(+-m) and sigmoid(+-m) (the same values, fewer transcendentals), and
+// long batches run their transcendentals through ATen's vectorized kernels (apply_math).
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
+#include <ATen/ops/exp.h>
+#include <ATen/ops/log.h>
+#include <ATen/ops/log1p.h>
+#include <ATen/ops/sigmoid.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -57,6 +63,42 @@ std::vector<acc_t> load_vec(const std::optional<at::Tensor>& t, int64_t N, acc_t
     for (int64_t i = 0; i < N; ++i) v[i] = static_cast<acc_t>(p[i * st]);
   });
   return v;
+}
+
+// In-place elementwise math on a buffer of n values. Long buffers go through ATen's own vectorized
+// (SLEEF) kernels on a from_blob view, short ones through the scalar libm loop: a transcendental costs
+// ~10 ns scalar on the 2-core test machine, and a dispatched ATen op ~3 us of fixed cost.
+constexpr int64_t kVectorMathMin = 512;
+
+template <typename T, typename Scalar, typename Aten>
+void apply_math(std::vector<T>& v, Scalar scalar, Aten aten) {
+  const int64_t n = static_cast<int64_t>(v.size());
+  if (n >= kVectorMathMin) {
+    at::Tensor t = at::from_blob(v.data(), {n}, at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
+    aten(t);
+  } else {
+    for (T& x : v) x = scalar(x);
+  }
+}
+
+template <typename T>
+void exp_(std::vector<T>& v) {
+  apply_math(v, [](T x) { return std::exp(x); }, [](at::Tensor& t) { t.exp_(); });
+}
+
+template <typename T>
+void log_(std::vector<T>& v) {
+  apply_math(v, [](T x) { return std::log(x); }, [](at::Tensor& t) { t.log_(); });
+}
+
+template <typename T>
+void log1p_(std::vector<T>& v) {
+  apply_math(v, [](T x) { return std::log1p(x); }, [](at::Tensor& t) { t.log1p_(); });
+}
+
+template <typename T>
+void sigmoid_(std::vector<T>& v) {
+  apply_math(v, [](T x) { return sigmoid(x); }, [](at::Tensor& t) { t.sigmoid_(); });
 }
 
 // The functional API's message (mmalign/functional.py, _check_pair_inputs), raised as ValueError.
@@ -126,11 +168,15 @@ void step_impl(const DamoStepArgs& a, const DamoStepOutputs& o) {
         const uint64_t step = a.step.has_value() ? static_cast<uint64_t>(*a.step->const_data_ptr<int64_t>())
                                                  : static_cast<uint64_t>(a.step_scalar);
         const uint64_t rkey = mix64(mix64(static_cast<uint64_t>(a.seed)) + step);
+        std::vector<float> gumbel(N);  // -log(-log(U)), in float32 as in the Triton kernel
         for (int64_t i = 0; i < N; ++i) {
           const uint64_t z = mix64(rkey + static_cast<uint64_t>(i + 1) * 0x9E3779B97F4A7C15ULL);
-          const float U = (static_cast<float>(z >> 40) + 0.5f) * (1.0f / 16777216.0f);
-          key[i] += static_cast<acc_t>(-std::log(-std::log(U)));
+          gumbel[i] = (static_cast<float>(z >> 40) + 0.5f) * (1.0f / 16777216.0f);
         }
+        log_(gumbel);
+        for (float& x : gumbel) x = -x;
+        log_(gumbel);
+        for (int64_t i = 0; i < N; ++i) key[i] += static_cast<acc_t>(-gumbel[i]);
       }
     }
     int64_t block = 16;
@@ -145,9 +191,12 @@ void step_impl(const DamoStepArgs& a, const DamoStepOutputs& o) {
 
   // ---- alpha_M and the running mean ----
   acc_t sum_sig = 0, sum_A_kept = 0, sum_A = 0;
-  const bool need_sig = a.use_m && !a.paper;
+  if (a.use_m && !a.paper) {
+    std::vector<acc_t> sig = A;
+    sigmoid_(sig);
+    for (int64_t i = 0; i < N; ++i) sum_sig += keep[i] ? sig[i] : acc_t(0);
+  }
   for (int64_t i = 0; i < N; ++i) {
-    if (need_sig && keep[i]) sum_sig += sigmoid(A[i]);
     sum_A_kept += keep[i] ? A[i] : acc_t(0);
     sum_A += A[i];
   }
@@ -163,28 +212,38 @@ void step_impl(const DamoStepArgs& a, const DamoStepOutputs& o) {
   if (!a.use_m) alpha_m = 1;
 
   // ---- per-pair beta, loss and derivative; weighted mean over S ----
-  std::vector<acc_t> beta_i(N), losses(N), dl_du(N), wt(N);
-  acc_t denom = 0, num = 0;
-  const acc_t eps = a.eps;
+  std::vector<acc_t> beta_i(N), mm(N), losses(N), dl_du(N), wt(N);
   for (int64_t i = 0; i < N; ++i) {
     const acc_t alpha = a.combine_sum ? (1 - acc_t(a.rho)) * alpha_m + acc_t(a.rho) * ad[i] : ad[i] * alpha_m;
     beta_i[i] = std::max(beta[i] * alpha, static_cast<acc_t>(a.min_beta));
-    const acc_t mm = beta_i[i] * u[i];
+    mm[i] = beta_i[i] * u[i];
+  }
+  // sigmoid loss: one exp and one log1p per pair serve logsigmoid(+-m) and sigmoid(+-m), all without
+  // cancellation: e = exp(-|m|), logsigmoid(+-m) = min(+-m, 0) - log1p(e), sigmoid(|m|) = 1 / (1 + e).
+  std::vector<acc_t> e, l1pe;
+  if (a.loss_kind == 0) {
+    e.resize(N);
+    for (int64_t i = 0; i < N; ++i) e[i] = -std::abs(mm[i]);
+    exp_(e);
+    l1pe = e;
+    log1p_(l1pe);
+  }
+  acc_t denom = 0, num = 0;
+  const acc_t eps = a.eps;
+  for (int64_t i = 0; i < N; ++i) {
+    const acc_t m = mm[i];
     if (a.loss_kind == 0) {
-      // one exp and one log1p for logsigmoid(+-mm) and sigmoid(+-mm), all without cancellation
-      const acc_t e = std::exp(-std::abs(mm));
-      const acc_t l1pe = std::log1p(e);
-      const acc_t inv = acc_t(1) / (acc_t(1) + e);
-      const acc_t sig = mm >= 0 ? inv : e * inv, sig_neg = mm >= 0 ? e * inv : inv;
-      losses[i] = -(1 - eps) * (std::min(mm, acc_t(0)) - l1pe) - eps * (std::min(-mm, acc_t(0)) - l1pe);
+      const acc_t inv = acc_t(1) / (acc_t(1) + e[i]);
+      const acc_t sig = m >= 0 ? inv : e[i] * inv, sig_neg = m >= 0 ? e[i] * inv : inv;
+      losses[i] = -(1 - eps) * (std::min(m, acc_t(0)) - l1pe[i]) - eps * (std::min(-m, acc_t(0)) - l1pe[i]);
       dl_du[i] = beta_i[i] * (-(1 - eps) * sig_neg + eps * sig);
     } else if (a.loss_kind == 1) {
       const acc_t d = u[i] - 1 / (2 * beta_i[i]);
       losses[i] = d * d;
       dl_du[i] = 2 * d;
     } else {
-      losses[i] = std::max(1 - mm, acc_t(0));
-      dl_du[i] = 1 - mm > 0 ? -beta_i[i] : acc_t(0);
+      losses[i] = std::max(1 - m, acc_t(0));
+      dl_du[i] = 1 - m > 0 ? -beta_i[i] : acc_t(0);
     }
     wt[i] = (keep[i] ? acc_t(1) : acc_t(0)) * (has_w ? wts[i] : acc_t(1));
     denom += wt[i];
