@@ -188,6 +188,7 @@ class BDHSEngine:
             out[row.pair].append(row.head + self._tail(row))
         return ["".join(parts).strip() if unguided else "".join(parts) for parts in out]
 
+    @torch.no_grad()
     def complete_rows(self, pairs: list[PairInput], try_index: int, unguided: bool = False) -> list:
         """The decoded rows (one per sentence, or per pair when unguided), with their generated tokens."""
         with self._attention():

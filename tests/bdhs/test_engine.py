@@ -196,3 +196,17 @@ def test_text_only_causal_lm(setup):
     engine = BDHSEngine(model, tok, _sim(0.0), BDHSConfig(mode="attn", max_new_tokens=5))
     assert engine.image_token is None and engine.draw(pairs[0], 1).keep.all()
     _exact_against_baseline(engine, masked, pairs)
+
+
+def test_complete_rows_records_no_autograd_history(setup):
+    """complete_rows is public (benchmarks, custom loops): it runs without grad whatever the caller's mode."""
+    tok, model, masked, pairs = setup
+    engine = BDHSEngine(model, tok, _sim(0.0), BDHSConfig(mode="attn", max_new_tokens=3))
+    seen = []
+    handle = engine.decoder.register_forward_hook(lambda *_: seen.append(torch.is_grad_enabled()))
+    try:
+        with torch.enable_grad():
+            engine.complete_rows(pairs[:1], 1)
+    finally:
+        handle.remove()
+    assert seen and not any(seen)
