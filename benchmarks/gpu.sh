@@ -3,11 +3,14 @@
 # build mmalign._C in place against that torch, run the whole test suite (GPU tests included) and the
 # benchmarks, and leave one report folder to commit under benchmarks/results/.
 #
-#   benchmarks/gpu.sh [OUT_DIR] [--quick] [--tests-only | --bench-only]
+#   benchmarks/gpu.sh [OUT_DIR] [--quick] [--tests-only | --bench-only] [--ops=SUITE,SUITE]
 #
 # Nothing is downloaded; missing optional packages skip their tests and benchmarks. Exit code: that of the
 # tests (or of the benchmarks with --bench-only). The whole run can take longer than one 10-minute device
-# call: run --tests-only and --bench-only as two calls into the same OUT_DIR.
+# call: run --tests-only and --bench-only as two calls into the same OUT_DIR, and split the benchmarks
+# with --ops (each set of suites gets its own OUT_DIR/bench-<suites> folder), e.g.
+#   --bench-only --ops=logps,fused_linear_logps,preference_loss,damo_step,attention
+#   --bench-only --ops=bdhs,train_step     and     --bench-only --ops=trainers
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -15,8 +18,12 @@ QUICK=""
 OUT=""
 TESTS=1
 BENCH=1
+OPS=""
 for a in "$@"; do
-  case "$a" in --quick) QUICK="--quick" ;; --tests-only) BENCH=0 ;; --bench-only) TESTS=0 ;; *) OUT="$a" ;; esac
+  case "$a" in
+    --quick) QUICK="--quick" ;; --tests-only) BENCH=0 ;; --bench-only) TESTS=0 ;; --ops=*) OPS="${a#--ops=}" ;;
+    *) OUT="$a" ;;
+  esac
 done
 gpu=$($PY -c "import torch; print(torch.cuda.get_device_name().replace(' ', '-') if torch.cuda.is_available() else 'no-gpu')")
 OUT=${OUT:-benchmarks/results/${gpu}-$(date -u +%Y-%m-%d)}
@@ -44,10 +51,12 @@ if [ "$TESTS" = 1 ]; then
   rc=${PIPESTATUS[0]}
 fi
 if [ "$BENCH" = 1 ]; then
-  echo "== benchmarks (mmalign bench -> $OUT/bench)"
-  MMALIGN_COMMIT="$commit" $PY -m mmalign bench --bench-device cuda $QUICK --out "$OUT/bench" > "$OUT/bench.log" 2>&1
+  dest="$OUT/bench${OPS:+-${OPS//,/-}}"
+  echo "== benchmarks (mmalign bench -> $dest)"
+  MMALIGN_COMMIT="$commit" $PY -m mmalign bench --bench-device cuda $QUICK ${OPS:+--ops "$OPS"} --out "$dest" \
+    > "$dest.log" 2>&1
   bench_rc=$?
-  tail -5 "$OUT/bench.log"; cat "$OUT/bench/report.md" 2>/dev/null
+  tail -5 "$dest.log"; cat "$dest/report.md" 2>/dev/null
   [ "$TESTS" = 1 ] || rc=$bench_rc
 fi
 exit "$rc"

@@ -68,8 +68,11 @@ def run(ops: list[str] | None = None, *, quick: bool = False, out: str = "bench-
     cmd += (["--quick"] if quick else []) + (["--bench-device", device] if device else []) + list(extra_args or [])
     started = _dt.datetime.now(_dt.timezone.utc)
     proc = subprocess.run(cmd, cwd=bench)
-    if proc.returncode != 0 or not raw.exists():
+    if proc.returncode != 0:
         raise RuntimeError(f"the benchmark suites failed (pytest exit code {proc.returncode}): {' '.join(cmd)}")
+    if not raw.exists() or not json.loads(raw.read_text()).get("benchmarks"):
+        raise RuntimeError(f"no benchmark ran (every case skipped: see the reasons above; is --bench-device "
+                           f"{device or 'auto'} available?): {' '.join(cmd)}")
     commit = _commit(bench.parent)
     sys.path.insert(0, str(bench))
     try:
