@@ -82,8 +82,11 @@ class DamoStepFunction : public torch::autograd::Function<DamoStepFunction> {
       const int64_t N = grad_u.numel();
       const scalar_t* GU = grad_u.const_data_ptr<scalar_t>();
       const scalar_t* DL = dl_du.const_data_ptr<scalar_t>();
-      const scalar_t gl = g_loss.defined() ? g_loss.to(grad_u.scalar_type()).item<scalar_t>() : scalar_t(0);
-      const at::Tensor gls = g_losses.defined() ? g_losses.to(grad_u.scalar_type()) : at::Tensor();
+      const auto st_u = grad_u.scalar_type();
+      const scalar_t gl = !g_loss.defined()                ? scalar_t(0)
+                          : g_loss.scalar_type() == st_u ? *g_loss.const_data_ptr<scalar_t>()  // 0-dim
+                                                         : g_loss.item().to<scalar_t>();
+      const at::Tensor gls = !g_losses.defined() || g_losses.scalar_type() == st_u ? g_losses : g_losses.to(st_u);
       const scalar_t* GLS = gls.defined() ? gls.const_data_ptr<scalar_t>() : nullptr;
       const int64_t st = gls.defined() ? gls.stride(0) : 0;
       scalar_t* P = gu.mutable_data_ptr<scalar_t>();

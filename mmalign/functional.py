@@ -260,7 +260,7 @@ def damo_step(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Te
             _check_pair_values(logps, beta, running_mean, alpha_d, weights)
         return _damo_step_distributed(logps, running_mean, beta, alpha_d, weights, cfg, seed, step, increment_step,
                                       inplace, group, backend)
-    cfg.k(N)  # raises when K > N
+    ds.kernel_args(cfg, N)  # raises when K > N (cached per config and N)
     name = _dispatch.select("damo_step", dev, policy_chosen_logps.dtype, backend)
     if check_inputs and name != "cpp":  # the C++ kernel checks the values itself
         _check_pair_values(logps, beta, running_mean, alpha_d, weights)
