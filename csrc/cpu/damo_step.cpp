@@ -52,15 +52,22 @@ inline bool finite(T x) {
   return std::isfinite(static_cast<double>(x));
 }
 
+// n values at p, stride st, as acc_t (one copy-convert pass when contiguous).
+template <typename acc_t, typename scalar_t>
+std::vector<acc_t> to_acc(const scalar_t* p, int64_t n, int64_t st) {
+  if (st == 1) return std::vector<acc_t>(p, p + n);
+  std::vector<acc_t> v(n);
+  for (int64_t i = 0; i < n; ++i) v[i] = static_cast<acc_t>(p[i * st]);
+  return v;
+}
+
 // An optional (N,) tensor of any float dtype and stride as acc_t values; `fill` where absent.
 template <typename acc_t>
 std::vector<acc_t> load_vec(const std::optional<at::Tensor>& t, int64_t N, acc_t fill) {
-  std::vector<acc_t> v(N, fill);
-  if (!t.has_value()) return v;
+  if (!t.has_value()) return std::vector<acc_t>(N, fill);
+  std::vector<acc_t> v;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t->scalar_type(), "damo_step_load", [&] {
-    const scalar_t* p = t->const_data_ptr<scalar_t>();
-    const int64_t st = t->stride(0);
-    for (int64_t i = 0; i < N; ++i) v[i] = static_cast<acc_t>(p[i * st]);
+    v = to_acc<acc_t>(t->const_data_ptr<scalar_t>(), N, t->stride(0));
   });
   return v;
 }
@@ -113,13 +120,7 @@ void check_finite(const char* name, const std::vector<acc_t>& v) {
 template <typename scalar_t, typename acc_t>
 void step_impl(const DamoStepArgs& a, const DamoStepOutputs& o) {
   const int64_t N = a.pc.size(0);
-  auto load = [](const at::Tensor& t) {
-    std::vector<acc_t> v(t.size(0));
-    const scalar_t* p = t.const_data_ptr<scalar_t>();
-    const int64_t s = t.stride(0);
-    for (int64_t i = 0; i < t.size(0); ++i) v[i] = static_cast<acc_t>(p[i * s]);
-    return v;
-  };
+  auto load = [N](const at::Tensor& t) { return to_acc<acc_t>(t.const_data_ptr<scalar_t>(), N, t.stride(0)); };
   const auto pc = load(a.pc), pr = load(a.pr), rc = load(a.rc), rr = load(a.rr);
   const auto beta = load_vec(a.beta, N, static_cast<acc_t>(a.beta_scalar));
   const auto ad = load_vec(a.alpha_d, N, acc_t(1));
@@ -196,6 +197,8 @@ void step_impl(const DamoStepArgs& a, const DamoStepOutputs& o) {
     sigmoid_(sig);
     for (int64_t i = 0; i < N; ++i) sum_sig += keep[i] ? sig[i] : acc_t(0);
   }
+  // the sums are reductions in any order (here SIMD lanes, in Triton a tree): not bit-equal across backends
+#pragma omp simd reduction(+ : sum_A_kept, sum_A)
   for (int64_t i = 0; i < N; ++i) {
     sum_A_kept += keep[i] ? A[i] : acc_t(0);
     sum_A += A[i];
@@ -246,28 +249,34 @@ void step_impl(const DamoStepArgs& a, const DamoStepOutputs& o) {
       dl_du[i] = 1 - m > 0 ? -beta_i[i] : acc_t(0);
     }
     wt[i] = (keep[i] ? acc_t(1) : acc_t(0)) * (has_w ? wts[i] : acc_t(1));
+  }
+#pragma omp simd reduction(+ : denom, num)
+  for (int64_t i = 0; i < N; ++i) {
     denom += wt[i];
     num += wt[i] * losses[i];
   }
   const acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
-  acc_t* LOSSES = o.losses.mutable_data_ptr<acc_t>();
-  bool* KEEP = o.keep.mutable_data_ptr<bool>();
-  acc_t* BETA = o.beta.mutable_data_ptr<acc_t>();
-  acc_t* RW = o.rw.mutable_data_ptr<acc_t>();
-  acc_t* RL = o.rl.mutable_data_ptr<acc_t>();
-  acc_t* MARGINS = o.margins.mutable_data_ptr<acc_t>();
-  bool* ACC = o.accuracies.mutable_data_ptr<bool>();
-  acc_t* GU = o.grad_u.mutable_data_ptr<acc_t>();
-  acc_t* DL = o.dl_du.mutable_data_ptr<acc_t>();
+  // distinct fresh outputs: __restrict__ lets the compiler keep values in registers and vectorize
+  acc_t* __restrict__ LOSSES = o.losses.mutable_data_ptr<acc_t>();
+  bool* __restrict__ KEEP = o.keep.mutable_data_ptr<bool>();
+  acc_t* __restrict__ BETA = o.beta.mutable_data_ptr<acc_t>();
+  acc_t* __restrict__ RW = o.rw.mutable_data_ptr<acc_t>();
+  acc_t* __restrict__ RL = o.rl.mutable_data_ptr<acc_t>();
+  acc_t* __restrict__ MARGINS = o.margins.mutable_data_ptr<acc_t>();
+  bool* __restrict__ ACC = o.accuracies.mutable_data_ptr<bool>();
+  acc_t* __restrict__ GU = o.grad_u.mutable_data_ptr<acc_t>();
+  acc_t* __restrict__ DL = o.dl_du.mutable_data_ptr<acc_t>();
+  const acc_t inv_denom = acc_t(1) / denom;
   for (int64_t i = 0; i < N; ++i) {
+    const acc_t rw = beta_i[i] * logr_w[i], rl = beta_i[i] * logr_l[i];
     LOSSES[i] = bad ? nan : losses[i];
     KEEP[i] = !bad && keep[i];
     BETA[i] = beta_i[i];
-    RW[i] = beta_i[i] * logr_w[i];
-    RL[i] = beta_i[i] * logr_l[i];
-    MARGINS[i] = RW[i] - RL[i];
-    ACC[i] = RW[i] > RL[i];
-    GU[i] = bad ? nan : wt[i] / denom * dl_du[i];
+    RW[i] = rw;
+    RL[i] = rl;
+    MARGINS[i] = rw - rl;
+    ACC[i] = rw > rl;
+    GU[i] = bad ? nan : wt[i] * inv_denom * dl_du[i];
     DL[i] = dl_du[i];
   }
   *o.loss.mutable_data_ptr<acc_t>() = bad ? nan : num / denom;
