@@ -89,6 +89,21 @@ def test_fuzzed_sizes_and_k(rng, device, backend, dtype, N):
         _assert_same(out, ref)
 
 
+@pytest.mark.parametrize("cfg", [dict(selection="topk"), dict(preset="dpo", label_smoothing=0.1),
+                                 dict(variant="paper")])
+def test_long_float32_batches_match_the_reference(rng, cfg):
+    """fp32 batches past the C++ kernel's vectorized-math threshold (512 pairs): values and gradients."""
+    if "cpp" not in backends(OP, "cpu", torch.float32):
+        pytest.skip("extension not built")
+    logps, alpha_d = _inputs(rng, 1000, "cpu", torch.float32)
+    logps = [t.requires_grad_() for t in logps]
+    g = torch.tensor(0.2)
+    out, ref = _run(logps, alpha_d, g, cfg, "cpp"), _ref(logps, alpha_d, g, cfg)
+    _assert_same(out, ref)
+    for a, b in zip(torch.autograd.grad(out.loss, logps), torch.autograd.grad(ref.loss, logps)):
+        torch.testing.assert_close(a, b)
+
+
 @pytest.mark.parametrize("device,backend,dtype", cases(OP))
 @pytest.mark.parametrize("cfg", [dict(preset="dpo"), dict(preset="d2po"), dict(preset="d2po", loss_type="ipo"),
                                  dict(preset="d2po", variant="paper", filter="both", keep=3)])
