@@ -247,6 +247,16 @@ def damo_step_reference(pc, pr, rc, rr, beta, running_mean, cfg: DAMOConfig, *, 
             key = log_w + (-torch.log(-torch.log(U)))  # Gumbel-top-K == sampling without replacement ~ w
         keep = _top_k_mask(key, K)
 
+    return _step_given_mask(u, logr_w, logr_l, A, g, keep, finite, beta_t, cfg, K, alpha_d, weights,
+                            running_mean.dtype)
+
+
+def _step_given_mask(u, logr_w, logr_l, A, g, keep, finite, beta_t, cfg: DAMOConfig, K: int, alpha_d, weights,
+                     g_dtype) -> DAMOStep:
+    """SPEC.md §3 from the kept set on: alpha_M, g, beta_i, the losses and their mean over S. ``finite``
+    (a bool or a 0-dim bool tensor) False gives the documented propagation: NaN loss, empty mask, g
+    unchanged (applied with torch.where: no host synchronization here)."""
+    N, dt = u.shape[0], u.dtype
     keep_f = keep.to(dt)
     if cfg.variant == "official":
         alpha_m = (torch.sigmoid(A) * keep_f).sum() / K / torch.sigmoid(g)
@@ -263,13 +273,94 @@ def damo_step_reference(pc, pr, rc, rr, beta, running_mean, cfg: DAMOConfig, *, 
     wt = keep_f if weights is None else keep_f * weights.to(dt)
     loss = (wt * losses).sum() / wt.sum()
     r_w, r_l = (beta_i * logr_w).detach(), (beta_i * logr_l).detach()
-    if not finite:  # documented propagation: NaN loss, empty mask, g unchanged
-        nan = torch.full((), float("nan"), dtype=dt, device=u.device)
-        loss, losses = loss * nan, losses * nan
-        keep = torch.zeros_like(keep)
-        g_new = g
+    if finite is not True:  # documented propagation: NaN loss, empty mask, g unchanged
+        ok = torch.as_tensor(finite, device=u.device)
+        scale = torch.where(ok, torch.ones((), dtype=dt, device=u.device), float("nan"))  # NaN gradients too
+        loss, losses = loss * scale, losses * scale
+        keep = keep & ok
+        g_new = torch.where(ok, g_new, g)
     metrics = DAMOMetrics(keep, a_m.detach(), beta_i, r_w, r_l, r_w - r_l, r_w > r_l, losses)
-    return DAMOStep(loss, g_new.detach().to(running_mean.dtype), metrics)
+    return DAMOStep(loss, g_new.detach().to(g_dtype), metrics)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Beyond one Triton program (N > MAX_FUSED_N): the same step in PyTorch ops, with no host synchronization
+# ----------------------------------------------------------------------------------------------------
+
+_M64 = 1 << 64
+
+
+def _i64(x: int) -> int:
+    """A uint64 constant as the int64 with the same bits."""
+    return x - _M64 if x >= 1 << 63 else x
+
+
+def _shr(z: torch.Tensor, k: int) -> torch.Tensor:
+    """Logical right shift of int64 bits (torch's >> on int64 is arithmetic)."""
+    return (z >> k) & ((1 << (64 - k)) - 1)
+
+
+def _mix64_t(z: torch.Tensor) -> torch.Tensor:  # int64 arithmetic wraps modulo 2^64 like uint64
+    z = (z ^ _shr(z, 30)) * _i64(_MIX1)
+    z = (z ^ _shr(z, 27)) * _i64(_MIX2)
+    return z ^ _shr(z, 31)
+
+
+def uniforms_device(seed: int, step: int | torch.Tensor, n: int, device) -> torch.Tensor:
+    """:func:`uniforms_reference`'s bits computed on ``device`` (``step`` may be a 0-dim int64 tensor
+    there): float32 U_i, no host round trip."""
+    with np.errstate(over="ignore"):
+        mixed_seed = int(_mix64_np(np.uint64(seed)))
+    step_t = step if isinstance(step, torch.Tensor) else torch.full((), step, dtype=torch.int64, device=device)
+    key = _mix64_t(step_t.to(device=device, dtype=torch.int64) + _i64(mixed_seed))
+    i = torch.arange(1, n + 1, dtype=torch.int64, device=device)
+    z = _mix64_t(key + i * _i64(_GOLDEN))
+    return (_shr(z, 40).to(torch.float32) + 0.5) * (1.0 / 16777216.0)
+
+
+def _rank_mask(key: torch.Tensor, k: int) -> torch.Tensor:
+    """The k largest keys rounded to float32, ties towards the lower index (the kernels' ordering),
+    through one on-device top-k of packed (key bits, index) int64 values."""
+    n = key.shape[0]
+    kb = key.to(torch.float32).view(torch.int32)
+    ordered = torch.where(kb < 0, kb ^ 0x7FFFFFFF, kb).to(torch.int64)
+    comp = (ordered << 32) | (n - 1 - torch.arange(n, device=key.device))
+    thr = torch.topk(comp, k).values[-1:]
+    return comp >= thr
+
+
+def damo_step_unfused(pc, pr, rc, rr, beta, running_mean, cfg: DAMOConfig, *, alpha_d=None, weights=None,
+                      seed: int = 0, step: int | torch.Tensor = 0) -> DAMOStep:
+    """The step of :func:`damo_step_reference` for batches one Triton program cannot hold: PyTorch ops
+    only (several launches), no host synchronization (``step`` may be a device tensor), the kernels'
+    float32 key ordering and random bits. Differentiable w.r.t. the log-probs."""
+    logr_w, logr_l = pc - rc, pr - rr
+    u = logr_w - logr_l
+    N, K = u.shape[0], cfg.k(u.shape[0])
+    dt = u.dtype
+    g = running_mean.detach().to(dt)
+    beta_t = (beta.detach().to(device=u.device, dtype=dt) if isinstance(beta, torch.Tensor)  # no host copy
+              else torch.full((), float(beta), dtype=dt, device=u.device)).expand(N)
+    A = u.detach()
+    if cfg.variant == "paper":
+        R = beta_t * A
+        A = torch.where(g.abs() < 1e-6, R, R / torch.where(g.abs() < 1e-6, torch.ones_like(g), g))
+    finite = torch.isfinite(A).all() & torch.isfinite(g)
+    code = cfg.select_code()
+    if code == SELECT_ALL:
+        keep = torch.ones(N, dtype=torch.bool, device=u.device)
+    elif code in (SELECT_BOTTOM, SELECT_TOP):
+        keep = _rank_mask(-A if code == SELECT_BOTTOM else A, K)
+    elif cfg.variant == "paper":
+        keep = _rank_mask(-((A - g) ** 2), K)
+    else:
+        key = -((A - g) ** 2) / 2
+        if code == SELECT_CLOSEST_SAMPLE:
+            gumbel = -torch.log(-torch.log(uniforms_device(seed, step, N, u.device)))
+            key = torch.where(torch.exp(key.max()) > 0, key + gumbel.to(dt), key)
+        keep = _rank_mask(key, K)
+    return _step_given_mask(u, logr_w, logr_l, A, g, keep, finite, beta_t, cfg, K, alpha_d, weights,
+                            running_mean.dtype)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -277,7 +368,7 @@ def damo_step_reference(pc, pr, rc, rr, beta, running_mean, cfg: DAMOConfig, *, 
 # ----------------------------------------------------------------------------------------------------
 
 # One program holds and sorts the whole batch: 8192 pairs fit (a DAMO batch is 16 to a few thousand
-# pairs). Larger batches take the eager reference path (several launches, host synchronizations).
+# pairs). Larger batches take damo_step_unfused (PyTorch ops: several launches, no host synchronization).
 MAX_FUSED_N = 8192
 
 

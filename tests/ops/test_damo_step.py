@@ -7,7 +7,7 @@ import torch
 
 import mmalign
 import mmalign.functional as F
-from mmalign.ops.damo_step import DAMOConfig, damo_step_reference, uniforms_reference
+from mmalign.ops.damo_step import DAMOConfig, damo_step_reference, damo_step_unfused as _UNFUSED, uniforms_reference
 
 from .._numerics import DEVICES, backends, cases
 
@@ -426,15 +426,70 @@ def test_no_host_sync_and_graph_capture():
     assert m.step.item() == step0 + 1 and m.running_mean.item() != g0
 
 
-def test_batches_beyond_one_program_take_the_eager_path(rng, monkeypatch):
-    if "triton" not in backends(OP, "cpu", torch.float64):
-        pytest.skip("triton cannot run here")
+@pytest.mark.parametrize("cfg", CONFIGS[:6], ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()) or "damo")
+def test_batches_beyond_one_program_take_the_unfused_path(rng, monkeypatch, cfg):
+    """Past MAX_FUSED_N the triton backend runs damo_step_unfused (PyTorch ops, no host sync): the
+    reference's values, mask and gradients; the step tensor read on the device and incremented."""
     import mmalign.ops.damo_step as ds
 
+    calls = []
     monkeypatch.setattr(ds, "MAX_FUSED_N", 8)
+    monkeypatch.setattr(ds, "damo_step_unfused", lambda *a, **k: calls.append(1) or _UNFUSED(*a, **k))
     logps, alpha_d = _inputs(rng, 20, "cpu")
-    g = torch.tensor(0.3)
-    _assert_same(_run(logps, alpha_d, g, {}, "triton"), _ref(logps, alpha_d, g, {}))
+    logps = [t.requires_grad_() for t in logps]
+    g, step = torch.tensor(0.3), torch.tensor(3)
+    backend = "triton" if "triton" in backends(OP, "cpu", torch.float64) else None
+    if backend is None:  # no Triton here: call the path directly
+        kw = dict(cfg)
+        out = ds.damo_step_unfused(*logps, 0.1, g, DAMOConfig.from_preset(kw.pop("preset", None), **kw),
+                                   alpha_d=alpha_d, seed=7, step=step)
+    else:
+        out = _run(logps, alpha_d, g, cfg, backend, step=step)
+        assert calls
+    ref = _ref(logps, alpha_d, g, cfg)
+    _assert_same(out, ref)
+    for a, b in zip(torch.autograd.grad(out.loss, logps), torch.autograd.grad(ref.loss, logps)):
+        torch.testing.assert_close(a, b)
+
+
+def test_unfused_path_draws_the_kernels_bits_and_mask(rng):
+    """Device-side uniforms are the reference's bits; the unfused mask equals the C++ kernel's (float32
+    ordering, ties to the lower index) on float32 inputs, sampled selection included."""
+    from mmalign.ops.damo_step import damo_step_unfused, uniforms_device
+
+    for seed, step in ((0, 0), (7, 3), (2**63 - 1, 2**40 + 5)):
+        assert torch.equal(uniforms_device(seed, torch.tensor(step), 1000, "cpu"), uniforms_reference(seed, step, 1000))
+    if "cpp" not in backends(OP, "cpu", torch.float32):
+        pytest.skip("extension not built")
+    logps, alpha_d = _inputs(rng, 300, "cpu", torch.float32)
+    for cfg in (DAMOConfig(), DAMOConfig(variant="paper"), DAMOConfig(filter="top", keep=17)):
+        a = damo_step_unfused(*logps, 0.1, torch.tensor(0.4), cfg, alpha_d=alpha_d, seed=5, step=9)
+        b = F.damo_step(*logps, torch.tensor(0.4), alpha_d=alpha_d, config=cfg, seed=5, step=9, backend="cpp")
+        assert torch.equal(a.metrics.keep, b.metrics.keep)
+        torch.testing.assert_close(a.loss, b.loss)
+
+
+def test_unfused_path_propagates_non_finite_inputs():
+    from mmalign.ops.damo_step import damo_step_unfused
+
+    u = torch.tensor([0.1, float("nan"), 0.3, -0.2], dtype=torch.float64, requires_grad=True)
+    z = torch.zeros(4, dtype=torch.float64)
+    out = damo_step_unfused(u, z, z, z, 0.1, torch.tensor(0.25), DAMOConfig())
+    assert math.isnan(out.loss.item()) and not out.metrics.keep.any() and out.running_mean.item() == 0.25
+    assert torch.isnan(torch.autograd.grad(out.loss, u)[0]).all()
+
+
+@pytest.mark.gpu
+def test_unfused_path_has_no_host_sync():
+    g = torch.Generator(device="cuda").manual_seed(0)
+    logps = [torch.randn(10000, device="cuda", generator=g) - 20 for _ in range(4)]
+    m = mmalign.nn.DAMOLoss(check_inputs=False).to("cuda")
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = m(*logps)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert m.step.item() == 1 and out.metrics.keep.sum().item() == 8000
 
 
 @pytest.mark.filterwarnings("ignore:Dynamo detected a call to a `functools.lru_cache`")
