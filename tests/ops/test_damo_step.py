@@ -398,19 +398,25 @@ def test_opcheck(rng):
     torch.library.opcheck(torch.ops.mmalign.damo_step.default, grads + args[4:])
 
 
-@pytest.mark.gpu
-def test_no_host_sync_and_graph_capture():
-    """With check_inputs=False the step never synchronizes, and it replays inside a CUDA graph."""
-    dev = "cuda"
-    g = torch.Generator(device=dev).manual_seed(0)
-    logps = [torch.randn(16, device=dev, generator=g) - 20 for _ in range(4)]
-    m = mmalign.nn.DAMOLoss(check_inputs=False).to(dev)
+def _step_without_sync(n: int):
+    """One DAMOLoss step (check_inputs=False) on n CUDA pairs under sync debug mode "error": any host
+    synchronization raises."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    logps = [torch.randn(n, device="cuda", generator=g) - 20 for _ in range(4)]
+    m = mmalign.nn.DAMOLoss(check_inputs=False).to("cuda")
     torch.cuda.set_sync_debug_mode("error")
     try:
         out = m(*logps)
     finally:
         torch.cuda.set_sync_debug_mode(0)
-    assert m.step.item() == 1 and out.metrics.keep.sum().item() == 12
+    assert m.step.item() == 1 and out.metrics.keep.sum().item() == int(0.8 * n)
+    return m, logps
+
+
+@pytest.mark.gpu
+def test_no_host_sync_and_graph_capture():
+    """With check_inputs=False the step never synchronizes, and it replays inside a CUDA graph."""
+    m, logps = _step_without_sync(16)
     static = [t.clone() for t in logps]
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
@@ -481,15 +487,7 @@ def test_unfused_path_propagates_non_finite_inputs():
 
 @pytest.mark.gpu
 def test_unfused_path_has_no_host_sync():
-    g = torch.Generator(device="cuda").manual_seed(0)
-    logps = [torch.randn(10000, device="cuda", generator=g) - 20 for _ in range(4)]
-    m = mmalign.nn.DAMOLoss(check_inputs=False).to("cuda")
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        out = m(*logps)
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
-    assert m.step.item() == 1 and out.metrics.keep.sum().item() == 8000
+    _step_without_sync(10000)  # past MAX_FUSED_N = 8192: damo_step_unfused
 
 
 @pytest.mark.filterwarnings("ignore:Dynamo detected a call to a `functools.lru_cache`")
