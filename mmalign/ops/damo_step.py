@@ -214,16 +214,23 @@ def _top_k_mask(key: torch.Tensor, k: int) -> torch.Tensor:
     return torch.zeros(key.shape, dtype=torch.bool, device=key.device).index_fill_(0, order, True)
 
 
+def _ratios(pc, pr, rc, rr, beta, running_mean, cfg: DAMOConfig):
+    """(logr_w, logr_l, u, K, g, beta_i before alpha) of SPEC.md §2-3 in the log-probs' dtype; g and beta are
+    constants for the gradient. A float beta is filled on the device (no host-to-device copy)."""
+    logr_w, logr_l = pc - rc, pr - rr
+    u = logr_w - logr_l
+    dt, dev, N = u.dtype, u.device, u.shape[0]
+    beta_t = (beta.detach().to(device=dev, dtype=dt) if isinstance(beta, torch.Tensor)
+              else torch.full((), float(beta), dtype=dt, device=dev))
+    return logr_w, logr_l, u, cfg.k(N), running_mean.detach().to(dt), beta_t.expand(N)
+
+
 def damo_step_reference(pc, pr, rc, rr, beta, running_mean, cfg: DAMOConfig, *, alpha_d=None, weights=None,
                         seed: int = 0, step: int = 0) -> DAMOStep:
     """The DAMO step, eager. Inputs (N,) log-probs; beta float or (N,); running_mean 0-dim; alpha_d,
     weights (N,) or None. Differentiable w.r.t. the log-probs."""
-    logr_w, logr_l = pc - rc, pr - rr
-    u = logr_w - logr_l
-    N, K = u.shape[0], cfg.k(u.shape[0])
-    dt = u.dtype
-    g = running_mean.detach().to(dt)
-    beta_t = torch.as_tensor(beta, dtype=dt, device=u.device).detach().expand(N)
+    logr_w, logr_l, u, K, g, beta_t = _ratios(pc, pr, rc, rr, beta, running_mean, cfg)
+    N, dt = u.shape[0], u.dtype
     A = u.detach()
     if cfg.variant == "paper":
         R = beta_t * A  # Eq. 9
@@ -334,13 +341,8 @@ def damo_step_unfused(pc, pr, rc, rr, beta, running_mean, cfg: DAMOConfig, *, al
     """The step of :func:`damo_step_reference` for batches one Triton program cannot hold: PyTorch ops
     only (several launches), no host synchronization (``step`` may be a device tensor), the kernels'
     float32 key ordering and random bits. Differentiable w.r.t. the log-probs."""
-    logr_w, logr_l = pc - rc, pr - rr
-    u = logr_w - logr_l
-    N, K = u.shape[0], cfg.k(u.shape[0])
-    dt = u.dtype
-    g = running_mean.detach().to(dt)
-    beta_t = (beta.detach().to(device=u.device, dtype=dt) if isinstance(beta, torch.Tensor)  # no host copy
-              else torch.full((), float(beta), dtype=dt, device=u.device)).expand(N)
+    logr_w, logr_l, u, K, g, beta_t = _ratios(pc, pr, rc, rr, beta, running_mean, cfg)
+    N, dt = u.shape[0], u.dtype
     A = u.detach()
     if cfg.variant == "paper":
         R = beta_t * A
@@ -599,6 +601,11 @@ def _acc(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _one_program(n: int) -> dict:
+    """Block and warps of the kernels that hold the whole batch of n pairs in one program."""
+    return dict(BLOCK_N=max(16, triton.next_power_of_2(n)), num_warps=4 if n <= 1024 else 8)
+
+
 def _triton_fwd(x: StepInputs, cfg: DAMOConfig):
     """The forward kernel: (StepOutputs, d loss / d u, d l_i / d u_i)."""
     N, dt, dev = x.pc.shape[0], _acc(x.pc.dtype), x.pc.device
@@ -622,7 +629,7 @@ def _triton_fwd(x: StepInputs, cfg: DAMOConfig):
         USE_D=cfg.use_alpha_d and x.alpha_d is not None, COMBINE_SUM=k.combine_sum,
         HAS_BETA_T=beta_t is not None, HAS_W=x.weights is not None, STEP_IS_T=step_t is not None,
         INCR_STEP=x.incr_step and step_t is not None, ACC_FP64=x.pc.dtype == torch.float64,
-        BLOCK_N=max(16, triton.next_power_of_2(N)), num_warps=4 if N <= 1024 else 8)
+        **_one_program(N))
     out = StepOutputs(loss, losses, keep.view(torch.bool), beta_i, r_w, r_l, margins, acc.view(torch.bool), alpha_m)
     return out, grad_u, dl_du
 
@@ -634,8 +641,7 @@ def _triton_bwd(grad_u, dl_du, g_loss, g_losses, need_neg: bool):
     _damo_step_bwd_kernel[(1,)](
         grad_u, dl_du, g_loss if g_loss is not None else grad_u, g_losses if g_losses is not None else grad_u,
         pos, neg, N, g_losses.stride(0) if g_losses is not None else 0, HAS_GL=g_loss is not None,
-        HAS_GLS=g_losses is not None, NEED_NEG=need_neg, BLOCK_N=max(16, triton.next_power_of_2(N)),
-        num_warps=4 if N <= 1024 else 8)
+        HAS_GLS=g_losses is not None, NEED_NEG=need_neg, **_one_program(N))
     return pos, neg
 
 
