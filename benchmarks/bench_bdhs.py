@@ -32,7 +32,7 @@ _cache = {}
 
 
 def _random_llava(device, quick):
-    """(tokenizer, model config, dtype, prompt ids, ground truths, pairs, state dict or None)."""
+    """(tokenizer, LLaVA config, dtype, prompt ids, ground truths, decoder weights: None = random)."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import LlavaConfig, PreTrainedTokenizerFast
 

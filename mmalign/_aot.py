@@ -40,17 +40,15 @@ class _CompileOnlyDriver:
 
 
 @contextlib.contextmanager
-def compile_only(cc: int, compiled: list):
-    """Within: Triton launches compile for sm_<cc> and return without running; (kernel, cc) is recorded."""
+def compile_only(cc: int):
+    """Within: Triton launches compile for sm_<cc> and return without running."""
     from triton.runtime import driver
     from triton.runtime.jit import JITFunction
 
-    run = JITFunction.run
+    run, previous = JITFunction.run, driver._active
 
     def warm(self, *args, grid, warmup, **kwargs):
-        kernel = run(self, *args, grid=grid, warmup=True, **kwargs)
-        compiled.append((self.fn.__name__, cc))
-        return kernel
+        return run(self, *args, grid=grid, warmup=True, **kwargs)
 
     driver.set_active(_CompileOnlyDriver(cc))
     JITFunction.run = warm
@@ -58,7 +56,7 @@ def compile_only(cc: int, compiled: list):
         yield
     finally:
         JITFunction.run = run
-        driver.reset_active() if driver._default is not None else setattr(driver, "_active", None)
+        driver.set_active(previous)  # None: the default driver again, created lazily when asked for
 
 
 def _damo_cases(quick: bool):
@@ -122,12 +120,12 @@ def check(archs=DEFAULT_ARCHS, ops=tuple(CASES), quick: bool = False, log=print)
 
     if interpreting():
         raise RuntimeError("TRITON_INTERPRET=1 is set: the kernels are interpreted, there is nothing to compile")
-    failures, compiled = [], []
+    failures = []
     for cc in archs:
         for op in ops:
             t0, n = time.time(), 0
             for name, launch in CASES[op](quick):
-                with compile_only(cc, compiled):
+                with compile_only(cc):
                     try:
                         launch()
                         n += 1
