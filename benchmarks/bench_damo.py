@@ -1,7 +1,7 @@
 """The DAMO step, forward + backward: mmalign's fused kernel vs the eager reference (SPEC.md §3, literal)
 vs an eager transcription of the released code's style (SPEC.md §3 "official": torch.multinomial,
 .item() and Python indexing every step), at N = 16, 256, 4096 pairs, and 16384 (on CUDA past one Triton
-program: damo_step_unfused).
+program: the multi-program path).
 
 extra_info records, for each provider, the CUDA kernel launches of one step (profiler) and the host
 synchronizations (torch.cuda.set_sync_debug_mode counts them) on GPU."""
@@ -79,7 +79,7 @@ def _launches_and_syncs(fn, leaves, device):
 
 @pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
 @pytest.mark.parametrize("provider", ["released-style", "reference", "triton", "cpp"])
-@pytest.mark.parametrize("N", [16, 256, 4096, 16384])  # 16384: past one Triton program (unfused path)
+@pytest.mark.parametrize("N", [16, 256, 4096, 16384])  # 16384: past one Triton program (multi-program path)
 def test_damo_step(benchmark, device, quick, mode, provider, N):
     if quick and N != 16:
         pytest.skip("--quick")

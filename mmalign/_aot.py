@@ -60,7 +60,7 @@ def compile_only(cc: int):
 
 
 def _damo_cases(quick: bool):
-    from .ops import damo_step as ds
+    from .ops import damo_step_triton as dt
     from .ops.damo_step import DAMOConfig, StepInputs
 
     configs = [DAMOConfig(), DAMOConfig(selection="topk"), DAMOConfig(variant="paper"),
@@ -68,18 +68,19 @@ def _damo_cases(quick: bool):
                DAMOConfig(filter="top", loss_type="hinge", combine="sum")]
     for dtype in (torch.float32,) if quick else (torch.float32, torch.float64, torch.bfloat16):
         for cfg in configs:
-            for n in (16,) if quick else (16, 4096):
+            for n in (16, dt.MAX_FUSED_N + 1) if quick else (16, 4096, dt.MAX_FUSED_N + 1):  # last: multi-program
                 lp = [torch.randn(n).to(dtype) for _ in range(4)]
                 g, step = torch.zeros(()), torch.zeros((), dtype=torch.int64)
                 beta = torch.full((n,), 0.1, dtype=dtype) if cfg.variant == "paper" else 0.1
                 x = StepInputs(*lp, beta, torch.rand(n).to(dtype), torch.rand(n).to(dtype), g, g, step, 0, True)
                 yield f"damo_step fwd {dtype} n={n} {cfg.variant}/{cfg.select_code()}/{cfg.loss_type}", \
-                    lambda x=x, cfg=cfg: ds._triton_fwd(x, cfg)
+                    lambda x=x, cfg=cfg: dt.triton_fwd(x, cfg)
     for acc in (torch.float32,) if quick else (torch.float32, torch.float64):
-        for gl, gls in ((True, False), (False, True), (True, True)):
-            t = torch.randn(64, dtype=acc)
-            yield f"damo_step bwd {acc} loss={gl} losses={gls}", lambda t=t, gl=gl, gls=gls: ds._triton_bwd(
-                t, t, torch.ones((), dtype=t.dtype) if gl else None, t.expand(64) if gls else None, True)
+        for gl, gls, scale in ((True, False, False), (False, True, False), (True, True, True)):
+            t, one = torch.randn(64, dtype=acc), torch.ones((), dtype=acc)
+            yield f"damo_step bwd {acc} loss={gl} losses={gls} scale={scale}", \
+                lambda t=t, one=one, gl=gl, gls=gls, scale=scale: dt.triton_bwd(
+                    t, t, one if scale else None, one if gl else None, t.expand(64) if gls else None, True)
 
 
 def _logps_cases(quick: bool):

@@ -277,12 +277,9 @@ def _config(preset, variant, selection, filter, keep, gamma, combine, rho, loss_
 def _damo_step_local(logps, running_mean, beta, alpha_d, weights, cfg, seed, step, increment_step, inplace, name,
                      check=False):
     """The step on one process; ``check``: let the C++ kernel check the values (cpp backend only)."""
-    # one Triton program sorts at most MAX_FUSED_N keys; beyond, PyTorch ops without host synchronization
-    unfused = name == "triton" and logps[0].shape[0] > ds.MAX_FUSED_N
-    if name == "reference" or unfused:
-        eager = ds.damo_step_unfused if unfused else damo_step_reference
-        out = eager(*logps, beta, running_mean, cfg, alpha_d=alpha_d, weights=weights, seed=seed,
-                    step=step if unfused else int(step))
+    if name == "reference":
+        out = damo_step_reference(*logps, beta, running_mean, cfg, alpha_d=alpha_d, weights=weights, seed=seed,
+                                  step=int(step))
         if increment_step and isinstance(step, torch.Tensor):
             step.add_(1)
         if inplace:

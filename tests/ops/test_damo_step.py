@@ -7,7 +7,7 @@ import torch
 
 import mmalign
 import mmalign.functional as F
-from mmalign.ops.damo_step import DAMOConfig, damo_step_reference, damo_step_unfused as _UNFUSED, uniforms_reference
+from mmalign.ops.damo_step import DAMOConfig, damo_step_reference, uniforms_reference
 
 from .._numerics import DEVICES, backends, cases
 
@@ -414,9 +414,10 @@ def _step_without_sync(n: int):
 
 
 @pytest.mark.gpu
-def test_no_host_sync_and_graph_capture():
+@pytest.mark.parametrize("n", [16, 10000])  # 10000: past MAX_FUSED_N = 8192, the multi-program path
+def test_no_host_sync_and_graph_capture(n):
     """With check_inputs=False the step never synchronizes, and it replays inside a CUDA graph."""
-    m, logps = _step_without_sync(16)
+    m, logps = _step_without_sync(n)
     static = [t.clone() for t in logps]
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
@@ -432,62 +433,122 @@ def test_no_host_sync_and_graph_capture():
     assert m.step.item() == step0 + 1 and m.running_mean.item() != g0
 
 
-@pytest.mark.parametrize("cfg", CONFIGS[:6], ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()) or "damo")
-def test_batches_beyond_one_program_take_the_unfused_path(rng, monkeypatch, cfg):
-    """Past MAX_FUSED_N the triton backend runs damo_step_unfused (PyTorch ops, no host sync): the
-    reference's values, mask and gradients; the step tensor read on the device and incremented."""
-    import mmalign.ops.damo_step as ds
+@pytest.fixture
+def multi_program(monkeypatch):
+    """The Triton backend with one program capped at 16 pairs, 16 pairs per program past it: batches of a
+    few dozen pairs take the multi-program path under the interpreter."""
+    import mmalign.ops.damo_step_triton as dt
 
+    if "triton" not in backends(OP, DEVICES[-1], torch.float64):
+        pytest.skip("no Triton backend here")
     calls = []
-    monkeypatch.setattr(ds, "MAX_FUSED_N", 8)
-    monkeypatch.setattr(ds, "damo_step_unfused", lambda *a, **k: calls.append(1) or _UNFUSED(*a, **k))
-    logps, alpha_d = _inputs(rng, 20, "cpu")
+    monkeypatch.setattr(dt, "MAX_FUSED_N", 16)
+    monkeypatch.setattr(dt, "MP_BLOCK", 16)
+    monkeypatch.setattr(dt, "_multi_program_fwd", lambda *a, f=dt._multi_program_fwd: calls.append(1) or f(*a))
+    return calls
+
+
+@pytest.mark.parametrize("cfg", CONFIGS + [dict(filter="bottom"), dict(keep=1.0), dict(keep=3)],
+                         ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()) or "damo")
+def test_multi_program_path_matches_the_reference(rng, multi_program, cfg):
+    """Past MAX_FUSED_N: a grid of programs (here 5, the last one partial) gives the reference's mask,
+    values and gradients; the step tensor is read on the device and incremented."""
+    dev = DEVICES[-1]
+    logps, alpha_d = _inputs(rng, 70, dev)
     logps = [t.requires_grad_() for t in logps]
-    g, step = torch.tensor(0.3), torch.tensor(3)
-    backend = "triton" if "triton" in backends(OP, "cpu", torch.float64) else None
-    if backend is None:  # no Triton here: call the path directly
-        kw = dict(cfg)
-        out = ds.damo_step_unfused(*logps, 0.1, g, DAMOConfig.from_preset(kw.pop("preset", None), **kw),
-                                   alpha_d=alpha_d, seed=7, step=step)
-    else:
-        out = _run(logps, alpha_d, g, cfg, backend, step=step)
-        assert calls
+    g, step = torch.tensor(0.3, device=dev), torch.tensor(3, device=dev)
+    kw = dict(cfg)
+    out = F.damo_step(*logps, g, beta=0.1, alpha_d=alpha_d, preset=kw.pop("preset", None), seed=7, step=step,
+                      increment_step=True, backend="triton", **kw)
+    assert multi_program and step.item() == 4
     ref = _ref(logps, alpha_d, g, cfg)
     _assert_same(out, ref)
     for a, b in zip(torch.autograd.grad(out.loss, logps), torch.autograd.grad(ref.loss, logps)):
         torch.testing.assert_close(a, b)
 
 
-def test_unfused_path_draws_the_kernels_bits_and_mask(rng):
-    """Device-side uniforms are the reference's bits; the unfused mask equals the C++ kernel's (float32
-    ordering, ties to the lower index) on float32 inputs, sampled selection included."""
-    from mmalign.ops.damo_step import damo_step_unfused, uniforms_device
+def test_multi_program_path_with_weights_beta_tensor_and_many_programs(rng, multi_program, monkeypatch):
+    """Per-pair beta and weights, 18 programs (the partials span more than one 16-wide block), and the
+    gradient through the per-pair losses."""
+    import mmalign.ops.damo_step_triton as dt
 
-    for seed, step in ((0, 0), (7, 3), (2**63 - 1, 2**40 + 5)):
-        assert torch.equal(uniforms_device(seed, torch.tensor(step), 1000, "cpu"), uniforms_reference(seed, step, 1000))
-    if "cpp" not in backends(OP, "cpu", torch.float32):
-        pytest.skip("extension not built")
-    logps, alpha_d = _inputs(rng, 300, "cpu", torch.float32)
+    monkeypatch.setattr(dt, "MP_BLOCK", 4)
+    dev = DEVICES[-1]
+    logps, alpha_d = _inputs(rng, 70, dev)
+    logps = [t.requires_grad_() for t in logps]
+    beta = 0.05 + 0.1 * torch.rand(70, generator=rng, dtype=torch.float64).to(dev)
+    weights = torch.rand(70, generator=rng, dtype=torch.float64).to(dev)
+    for cfg in (DAMOConfig(variant="paper"), DAMOConfig(combine="sum", rho=0.3)):
+        out = F.damo_step(*logps, torch.tensor(0.4, device=dev), beta=beta, alpha_d=alpha_d, weights=weights,
+                          config=cfg, seed=3, step=11, backend="triton")
+        ref = damo_step_reference(*logps, beta, torch.tensor(0.4, device=dev), cfg, alpha_d=alpha_d, weights=weights,
+                                  seed=3, step=11)
+        _assert_same(out, ref)
+        probe = torch.randn(70, generator=rng, dtype=torch.float64).to(dev)
+        objective = lambda o: o.loss + (o.metrics.losses * probe).sum()  # noqa: E731
+        for a, b in zip(torch.autograd.grad(objective(out), logps), torch.autograd.grad(objective(ref), logps)):
+            torch.testing.assert_close(a, b)
+
+
+def test_multi_program_gradcheck(rng, multi_program):
+    """As test_gradcheck: a filtered preset whose beta_i does not move with the inputs."""
+    dev = DEVICES[-1]
+    logps, alpha_d = _inputs(rng, 40, dev)
+    logps = [t.requires_grad_() for t in logps]
+    f = lambda *x: F.damo_step(*x, torch.tensor(0.2, device=dev), alpha_d=alpha_d, preset="d2po",  # noqa: E731
+                               variant="paper", filter="both", keep=30, backend="triton").loss
+    assert torch.autograd.gradcheck(f, logps)
+
+
+def test_multi_program_keys_equal_the_one_program_keys(rng, monkeypatch):
+    """float32, sampled selection included: the multi-program path keeps exactly the pairs the one-program
+    kernel keeps (and the C++ kernel), because both build the same float32 keys."""
+    import mmalign.ops.damo_step_triton as dt
+
+    dev = DEVICES[-1]
+    if "triton" not in backends(OP, dev, torch.float32):
+        pytest.skip("no Triton backend here")
+    logps, alpha_d = _inputs(rng, 300, dev, torch.float32)
     for cfg in (DAMOConfig(), DAMOConfig(variant="paper"), DAMOConfig(filter="top", keep=17)):
-        a = damo_step_unfused(*logps, 0.1, torch.tensor(0.4), cfg, alpha_d=alpha_d, seed=5, step=9)
-        b = F.damo_step(*logps, torch.tensor(0.4), alpha_d=alpha_d, config=cfg, seed=5, step=9, backend="cpp")
-        assert torch.equal(a.metrics.keep, b.metrics.keep)
-        torch.testing.assert_close(a.loss, b.loss)
+        run = lambda: F.damo_step(*logps, torch.tensor(0.4, device=dev), alpha_d=alpha_d, config=cfg,  # noqa: E731
+                                  seed=5, step=9, backend="triton")
+        one = run()
+        monkeypatch.setattr(dt, "MAX_FUSED_N", 64)
+        monkeypatch.setattr(dt, "MP_BLOCK", 64)
+        many = run()
+        monkeypatch.undo()
+        assert torch.equal(one.metrics.keep, many.metrics.keep)
+        torch.testing.assert_close(one.loss, many.loss)
+        torch.testing.assert_close(one.running_mean, many.running_mean)
+        if "cpp" in backends(OP, "cpu", torch.float32):
+            c = F.damo_step(*[t.cpu() for t in logps], torch.tensor(0.4), alpha_d=alpha_d.cpu(), config=cfg, seed=5,
+                            step=9, backend="cpp")
+            assert torch.equal(c.metrics.keep, many.metrics.keep.cpu())
 
 
-def test_unfused_path_propagates_non_finite_inputs():
-    from mmalign.ops.damo_step import damo_step_unfused
+def test_multi_program_underflowing_weights_keep_the_closest(multi_program):
+    """Every w_i = 0 (A far from g): the sampled selection falls back to the K closest to g, decided from
+    the batch-wide maximum the first keys launch writes."""
+    dev = DEVICES[-1]
+    u = torch.linspace(-3, 3, 40, dtype=torch.float64, device=dev)
+    z = torch.zeros(40, dtype=torch.float64, device=dev)
+    g = torch.tensor(1000.0, device=dev)
+    out = F.damo_step(u, z, z, z, g, keep=10, backend="triton")
+    assert out.metrics.keep.nonzero().flatten().tolist() == list(range(30, 40))
 
-    u = torch.tensor([0.1, float("nan"), 0.3, -0.2], dtype=torch.float64, requires_grad=True)
-    z = torch.zeros(4, dtype=torch.float64)
-    out = damo_step_unfused(u, z, z, z, 0.1, torch.tensor(0.25), DAMOConfig())
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy sees 1 / 0 (sum of kept weights)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_multi_program_path_propagates_non_finite_inputs(multi_program, bad):
+    dev = DEVICES[-1]
+    u = torch.linspace(-1, 1, 40, dtype=torch.float64, device=dev)
+    u[33] = bad
+    u.requires_grad_()
+    z = torch.zeros(40, dtype=torch.float64, device=dev)
+    out = F.damo_step(u, z, z, z, torch.tensor(0.25, device=dev), check_inputs=False, backend="triton")
     assert math.isnan(out.loss.item()) and not out.metrics.keep.any() and out.running_mean.item() == 0.25
+    assert torch.isnan(out.metrics.losses).all()
     assert torch.isnan(torch.autograd.grad(out.loss, u)[0]).all()
-
-
-@pytest.mark.gpu
-def test_unfused_path_has_no_host_sync():
-    _step_without_sync(10000)  # past MAX_FUSED_N = 8192: damo_step_unfused
 
 
 @pytest.mark.filterwarnings("ignore:Dynamo detected a call to a `functools.lru_cache`")
