@@ -284,6 +284,17 @@ def _mp_bad(PART, g, P, P_BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _mp_block(PC, PR, RC, RR, BETA, G, N, beta_scalar, stride_beta, HAS_BETA_T: tl.constexpr, ACC_FP64: tl.constexpr,
+              BLOCK_N: tl.constexpr):
+    """This program's pairs: (pid, offs, mask, logr_w, logr_l, beta, g)."""
+    pid = tl.program_id(0)
+    offs = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    m = offs < N
+    logr_w, logr_l, beta = _pairs(PC, PR, RC, RR, BETA, offs, m, beta_scalar, stride_beta, HAS_BETA_T, ACC_FP64)
+    return pid, offs, m, logr_w, logr_l, beta, tl.load(G).to(logr_w.dtype)
+
+
+@triton.jit
 def _mp_keys_kernel(PC, PR, RC, RR, BETA, G, STEP, PART, COMP, N, P, beta_scalar, stride_beta, seed, step_scalar,
                     PAPER: tl.constexpr, SELECT: tl.constexpr, HAS_BETA_T: tl.constexpr, STEP_IS_T: tl.constexpr,
                     ACC_FP64: tl.constexpr, STATS: tl.constexpr, KEYS: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -291,11 +302,8 @@ def _mp_keys_kernel(PC, PR, RC, RR, BETA, G, STEP, PART, COMP, N, P, beta_scalar
     """STATS: this program's sum of A, count of non-finite A, max key (sampled selection). KEYS: the packed
     ranking keys (the sampled selection reads the max key of a previous STATS launch)."""
     acc = tl.float64 if ACC_FP64 else tl.float32
-    pid = tl.program_id(0)
-    offs = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    m = offs < N
-    logr_w, logr_l, beta = _pairs(PC, PR, RC, RR, BETA, offs, m, beta_scalar, stride_beta, HAS_BETA_T, ACC_FP64)
-    g = tl.load(G).to(acc)
+    pid, offs, m, logr_w, logr_l, beta, g = _mp_block(PC, PR, RC, RR, BETA, G, N, beta_scalar, stride_beta,
+                                                      HAS_BETA_T, ACC_FP64, BLOCK_N)
     A = _model_aware(logr_w - logr_l, beta, g, PAPER)
     if STATS:
         tl.store(PART + 0 * P + pid, tl.sum(tl.where(m, A, 0.0), 0))
@@ -318,11 +326,8 @@ def _mp_select_kernel(PC, PR, RC, RR, BETA, G, PART, COMP, THR, KEEP, N, P, beta
                       BLOCK_N: tl.constexpr, P_BLOCK: tl.constexpr):
     """The kept set (keys >= the K-th largest) and this program's sum of the kept terms of alpha_M."""
     acc = tl.float64 if ACC_FP64 else tl.float32
-    pid = tl.program_id(0)
-    offs = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    m = offs < N
-    logr_w, logr_l, beta = _pairs(PC, PR, RC, RR, BETA, offs, m, beta_scalar, stride_beta, HAS_BETA_T, ACC_FP64)
-    g = tl.load(G).to(acc)
+    pid, offs, m, logr_w, logr_l, beta, g = _mp_block(PC, PR, RC, RR, BETA, G, N, beta_scalar, stride_beta,
+                                                      HAS_BETA_T, ACC_FP64, BLOCK_N)
     A = _model_aware(logr_w - logr_l, beta, g, PAPER)
     if SELECT == 0:
         keep = m
@@ -342,12 +347,9 @@ def _mp_loss_kernel(PC, PR, RC, RR, BETA, ALPHA_D, WEIGHTS, G, PART, KEEP,
                     ACC_FP64: tl.constexpr, BLOCK_N: tl.constexpr, P_BLOCK: tl.constexpr):
     """Per-pair outputs; GRAD_U gets w_i dl_i/du_i (backward scales it by 1 / sum w)."""
     acc = tl.float64 if ACC_FP64 else tl.float32
-    pid = tl.program_id(0)
-    offs = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    m = offs < N
-    logr_w, logr_l, beta = _pairs(PC, PR, RC, RR, BETA, offs, m, beta_scalar, stride_beta, HAS_BETA_T, ACC_FP64)
+    pid, offs, m, logr_w, logr_l, beta, g = _mp_block(PC, PR, RC, RR, BETA, G, N, beta_scalar, stride_beta,
+                                                      HAS_BETA_T, ACC_FP64, BLOCK_N)
     u = logr_w - logr_l
-    g = tl.load(G).to(acc)
     if USE_M:
         alpha_m = _alpha_m(_partials(PART, 3, P, P_BLOCK, False), K, g, PAPER)
     else:
