@@ -39,8 +39,8 @@ def released_style_step(pc, pr, rc, rr, state, alpha_d, beta=0.1, keep_ratio=0.8
 
 
 def _providers(device):
-    fused = "triton" if device == "cuda" else "cpp"
-    return ["released-style", "reference", fused]
+    fused = ["triton", "cuda"] if device == "cuda" else ["cpp"]  # cuda: the C++ kernel with C++ autograd
+    return ["released-style", "reference"] + fused
 
 
 def _step_fn(provider, alpha_d, device):
@@ -78,7 +78,7 @@ def _launches_and_syncs(fn, leaves, device):
 
 
 @pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
-@pytest.mark.parametrize("provider", ["released-style", "reference", "triton", "cpp"])
+@pytest.mark.parametrize("provider", ["released-style", "reference", "triton", "cuda", "cpp"])
 @pytest.mark.parametrize("N", [16, 256, 4096, 16384])  # 16384: past one Triton program (multi-program path)
 def test_damo_step(benchmark, device, quick, mode, provider, N):
     if quick and N != 16:

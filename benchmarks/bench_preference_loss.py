@@ -18,7 +18,7 @@ def eager_dpo(pc, pr, rc, rr, beta):
 
 
 @pytest.mark.parametrize("N", [16, 256, 4096])
-@pytest.mark.parametrize("provider", ["eager", "triton", "cpp", "reference"])
+@pytest.mark.parametrize("provider", ["eager", "triton", "cuda", "cpp", "reference"])
 def test_preference_loss(benchmark, device, quick, provider, N):
     if quick and N != 16:
         pytest.skip("--quick")

@@ -59,4 +59,9 @@ using DamoStepFwdFn = DamoStepTuple(MMALIGN_DAMO_STEP_PARAMS);
 
 void check_damo_step_args(const DamoStepArgs& a, const char* op);
 
+// Fresh outputs for a batch like pc (float64 for float64 inputs, else float32; bools for the masks), and
+// the operator's tuple of them.
+DamoStepOutputs empty_damo_step_outputs(const at::Tensor& pc);
+DamoStepTuple as_tuple(const DamoStepOutputs& o);
+
 }  // namespace mmalign

@@ -2,6 +2,7 @@
 // Device kernels register themselves in csrc/cpu/*.cpp and csrc/cuda/*.cu (TORCH_LIBRARY_IMPL);
 // fake (meta) kernels for torch.compile live in mmalign/ops/_fake.py.
 #include <Python.h>
+#include <ATen/ops/empty.h>
 #include <torch/library.h>
 
 #include "damo_step.h"
@@ -77,6 +78,18 @@ void check_damo_step_args(const DamoStepArgs& a, const char* op) {
   TORCH_CHECK(a.K >= 1 && a.K <= N, op, ": keep: expected 1 <= K <= N = ", N, ", got K = ", a.K);
   TORCH_CHECK(a.select >= kSelectAll && a.select <= kSelectTop, op, ": select: expected a code in [0, 4], got ", a.select);
   TORCH_CHECK(a.loss_kind >= 0 && a.loss_kind <= 2, op, ": loss_type: expected a code in [0, 2], got ", a.loss_kind);
+}
+
+DamoStepOutputs empty_damo_step_outputs(const at::Tensor& pc) {
+  const int64_t N = pc.size(0);
+  const auto opts = pc.options().dtype(pc.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
+  const auto vec = [&] { return at::empty({N}, opts); };
+  const auto mask = [&] { return at::empty({N}, opts.dtype(at::kBool)); };
+  return {at::empty({}, opts), vec(), mask(), vec(), vec(), vec(), vec(), mask(), vec(), vec(), at::empty({}, opts)};
+}
+
+DamoStepTuple as_tuple(const DamoStepOutputs& o) {
+  return {o.loss, o.losses, o.keep, o.beta, o.rw, o.rl, o.margins, o.accuracies, o.grad_u, o.dl_du, o.alpha_m};
 }
 
 }  // namespace mmalign

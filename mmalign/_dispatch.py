@@ -39,23 +39,29 @@ FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 @dataclass(frozen=True)
 class OpSupport:
     """What one op offers: a Triton implementation, and the C++ operators backing ``cpp`` and ``cuda``
-    (qualified names, None where there is no such kernel)."""
+    (qualified names, None where there is no such kernel). ``cuda_auto=False``: the CUDA C++ kernel runs
+    when asked for (``backend="cuda"``, ``MMALIGN_BACKEND``) but automatic selection passes it over."""
 
     triton: bool
     cpp: str | None
     cuda: str | None
     dtypes: tuple = FLOATS
     triton_dtypes: tuple = FLOATS
+    cuda_auto: bool = True
 
 
 # The table. fused_linear_sequence_logps runs its per-chunk log-prob kernel through the same backends;
-# preference_loss runs through the DAMO step kernel (no filter, alpha = 1).
+# preference_loss runs through the DAMO step kernel (no filter, alpha = 1). The CUDA C++ DAMO step kernel
+# (csrc/cuda/damo_step.cu) has been compiled but has not run on a GPU yet: Triton stays the automatic
+# choice on CUDA until a GPU run of the tests and of benchmarks/bench_damo.py validates it.
 TABLE: dict[str, OpSupport] = {
     "sequence_logps": OpSupport(triton=True, cpp="mmalign::token_logps_fwd", cuda="mmalign::token_logps_fwd"),
     "fused_linear_sequence_logps": OpSupport(triton=True, cpp="mmalign::token_logps_fwd",
                                              cuda="mmalign::token_logps_fwd"),
-    "preference_loss": OpSupport(triton=True, cpp="mmalign::damo_step_fwd", cuda=None),
-    "damo_step": OpSupport(triton=True, cpp="mmalign::damo_step_fwd", cuda=None),
+    "preference_loss": OpSupport(triton=True, cpp="mmalign::damo_step_fwd", cuda="mmalign::damo_step_fwd",
+                                 cuda_auto=False),
+    "damo_step": OpSupport(triton=True, cpp="mmalign::damo_step_fwd", cuda="mmalign::damo_step_fwd",
+                           cuda_auto=False),
     # tl.dot has no float64: float64 (the tests' exactness checks) runs the SDPA reference.
     "masked_attention": OpSupport(triton=True, cpp=None, cuda=None,
                                   triton_dtypes=(torch.float32, torch.float16, torch.bfloat16)),
@@ -159,6 +165,8 @@ def _select(op: str, device: str, dtype: torch.dtype, backend, _env, _interp) ->
                                      f"{torch.device(device)} {dtype}: " + "; ".join(reasons))
         return forced
     for name in PRIORITY.get(_device_type(device), ("reference",)):
+        if name == "cuda" and not TABLE[op].cuda_auto:
+            continue
         if not not_supported_reasons(op, name, device, dtype):
             return name
     raise BackendUnavailable(f"{op}: no backend can run on {torch.device(device)} {dtype}: "

@@ -73,3 +73,24 @@ def test_report_covers_every_op_and_backend():
 def test_unknown_op():
     with pytest.raises(KeyError, match="unknown op"):
         _dispatch.select("softmax", "cpu", torch.float32)
+
+
+def test_cuda_kernels_marked_unverified_are_not_chosen_automatically(monkeypatch):
+    """damo_step and preference_loss have a CUDA C++ kernel that has not run on a GPU yet: on CUDA the
+    automatic choice passes it over (Triton), while sequence_logps takes its CUDA kernel; forcing
+    backend="cuda" still reaches it."""
+    from mmalign import _ext
+
+    loaded, _ = _ext.load()
+    if not (loaded and _ext.has_kernel("mmalign::damo_step_fwd", "CUDA")):
+        pytest.skip("mmalign._C has no CUDA kernels here")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(_dispatch._triton, "HAS_TRITON", True)
+    _dispatch._select.cache_clear()
+    try:
+        assert _dispatch.select("damo_step", "cuda", torch.float32) == "triton"
+        assert _dispatch.select("preference_loss", "cuda", torch.float32) == "triton"
+        assert _dispatch.select("sequence_logps", "cuda", torch.float32) == "cuda"
+        assert _dispatch.select("damo_step", "cuda", torch.float32, backend="cuda") == "cuda"
+    finally:
+        _dispatch._select.cache_clear()

@@ -1,5 +1,5 @@
 // CPU kernel of the fused DAMO step (SPEC.md sections 2, 3, 5); mirrors _damo_step_kernel in
-// mmalign/ops/damo_step.py: same keys, same float32 ordering with ties towards the lower index, same
+// mmalign/ops/damo_step_triton.py (per-pair math shared with the CUDA kernel: damo_step_math.h): same keys, same float32 ordering with ties towards the lower index, same
 // counter-based random numbers, so both backends keep the same pairs. The per-pair loss shares one exp
 // and one log1p between logsigmoid(+-m) and sigmoid(+-m) (the same values, fewer transcendentals), and
 // long batches run their transcendentals through ATen's vectorized kernels (apply_math).
@@ -23,16 +23,11 @@
 #include <vector>
 
 #include "../damo_step.h"
+#include "../damo_step_math.h"
 
 namespace mmalign {
 namespace cpu {
 namespace {
-
-inline uint64_t mix64(uint64_t z) {
-  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
-  z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
-  return z ^ (z >> 31);
-}
 
 template <typename T>
 inline T sigmoid(T x) {
@@ -41,10 +36,7 @@ inline T sigmoid(T x) {
 
 // Order-preserving int64 of (float32 key, index): larger key first, then lower index.
 inline int64_t rank_key(float key, int64_t i, int64_t block) {
-  int32_t kb;
-  std::memcpy(&kb, &key, sizeof(kb));
-  const int32_t ordered = kb < 0 ? (kb ^ 0x7FFFFFFF) : kb;
-  return (static_cast<int64_t>(ordered) << 32) | (block - 1 - i);
+  return (static_cast<int64_t>(damo::ordered_bits(key)) << 32) | (block - 1 - i);
 }
 
 template <typename T>
@@ -140,16 +132,11 @@ void step_impl(const DamoStepArgs& a, const DamoStepOutputs& o) {
 
   std::vector<acc_t> logr_w(N), logr_l(N), u(N), A(N);
   int64_t n_bad = 0;
-  const bool small_g = std::abs(g) < acc_t(1e-6);
   for (int64_t i = 0; i < N; ++i) {
     logr_w[i] = pc[i] - rc[i];
     logr_l[i] = pr[i] - rr[i];
     u[i] = logr_w[i] - logr_l[i];
-    A[i] = u[i];
-    if (a.paper) {
-      const acc_t R = beta[i] * u[i];
-      A[i] = small_g ? R : R / g;
-    }
+    A[i] = damo::model_aware(u[i], beta[i], g, a.paper);
     n_bad += finite(A[i]) ? 0 : 1;
   }
   const bool bad = n_bad > 0 || !finite(g);
@@ -158,22 +145,16 @@ void step_impl(const DamoStepArgs& a, const DamoStepOutputs& o) {
   std::vector<char> keep(N, 1);
   if (a.select != kSelectAll) {
     std::vector<acc_t> key(N);
-    for (int64_t i = 0; i < N; ++i) {
-      const acc_t d = A[i] - g;
-      key[i] = a.select == kSelectBottom ? -A[i] : a.select == kSelectTop ? A[i] : a.paper ? -d * d : -d * d / 2;
-    }
+    for (int64_t i = 0; i < N; ++i) key[i] = damo::selection_key(A[i], g, a.select, a.paper);
     if (a.select == kSelectClosestSample) {
       // some w_i = exp(key_i) > 0  <=>  exp(max key) > 0 (one exp instead of N)
       const acc_t max_key = *std::max_element(key.begin(), key.end());
       if (std::exp(max_key) > acc_t(0)) {
         const uint64_t step = a.step.has_value() ? static_cast<uint64_t>(*a.step->const_data_ptr<int64_t>())
                                                  : static_cast<uint64_t>(a.step_scalar);
-        const uint64_t rkey = mix64(mix64(static_cast<uint64_t>(a.seed)) + step);
+        const uint64_t rkey = damo::stream_key(a.seed, step);
         std::vector<float> gumbel(N);  // -log(-log(U)), in float32 as in the Triton kernel
-        for (int64_t i = 0; i < N; ++i) {
-          const uint64_t z = mix64(rkey + static_cast<uint64_t>(i + 1) * 0x9E3779B97F4A7C15ULL);
-          gumbel[i] = (static_cast<float>(z >> 40) + 0.5f) * (1.0f / 16777216.0f);
-        }
+        for (int64_t i = 0; i < N; ++i) gumbel[i] = damo::uniform(rkey, i);
         log_(gumbel);
         for (float& x : gumbel) x = -x;
         log_(gumbel);
@@ -217,12 +198,10 @@ void step_impl(const DamoStepArgs& a, const DamoStepOutputs& o) {
   // ---- per-pair beta, loss and derivative; weighted mean over S ----
   std::vector<acc_t> beta_i(N), mm(N), losses(N), dl_du(N), wt(N);
   for (int64_t i = 0; i < N; ++i) {
-    const acc_t alpha = a.combine_sum ? (1 - acc_t(a.rho)) * alpha_m + acc_t(a.rho) * ad[i] : ad[i] * alpha_m;
-    beta_i[i] = std::max(beta[i] * alpha, static_cast<acc_t>(a.min_beta));
+    beta_i[i] = damo::pair_beta(beta[i], alpha_m, ad[i], a.combine_sum, acc_t(a.rho), static_cast<acc_t>(a.min_beta));
     mm[i] = beta_i[i] * u[i];
   }
-  // sigmoid loss: one exp and one log1p per pair serve logsigmoid(+-m) and sigmoid(+-m), all without
-  // cancellation: e = exp(-|m|), logsigmoid(+-m) = min(+-m, 0) - log1p(e), sigmoid(|m|) = 1 / (1 + e).
+  // sigmoid loss: e = exp(-|m|) and log1p(e) for the whole batch at once (vectorized when long)
   std::vector<acc_t> e, l1pe;
   if (a.loss_kind == 0) {
     e.resize(N);
@@ -234,19 +213,10 @@ void step_impl(const DamoStepArgs& a, const DamoStepOutputs& o) {
   acc_t denom = 0, num = 0;
   const acc_t eps = a.eps;
   for (int64_t i = 0; i < N; ++i) {
-    const acc_t m = mm[i];
     if (a.loss_kind == 0) {
-      const acc_t inv = acc_t(1) / (acc_t(1) + e[i]);
-      const acc_t sig = m >= 0 ? inv : e[i] * inv, sig_neg = m >= 0 ? e[i] * inv : inv;
-      losses[i] = -(1 - eps) * (std::min(m, acc_t(0)) - l1pe[i]) - eps * (std::min(-m, acc_t(0)) - l1pe[i]);
-      dl_du[i] = beta_i[i] * (-(1 - eps) * sig_neg + eps * sig);
-    } else if (a.loss_kind == 1) {
-      const acc_t d = u[i] - 1 / (2 * beta_i[i]);
-      losses[i] = d * d;
-      dl_du[i] = 2 * d;
+      damo::sigmoid_loss(mm[i], e[i], l1pe[i], beta_i[i], eps, losses[i], dl_du[i]);
     } else {
-      losses[i] = std::max(1 - m, acc_t(0));
-      dl_du[i] = 1 - m > 0 ? -beta_i[i] : acc_t(0);
+      damo::pair_loss(u[i], beta_i[i], eps, a.loss_kind, losses[i], dl_du[i]);
     }
     wt[i] = (keep[i] ? acc_t(1) : acc_t(0)) * (has_w ? wts[i] : acc_t(1));
   }
@@ -290,18 +260,12 @@ void step_impl(const DamoStepArgs& a, const DamoStepOutputs& o) {
 DamoStepTuple damo_step_fwd(MMALIGN_DAMO_STEP_PARAMS) {
   const DamoStepArgs a = MMALIGN_DAMO_STEP_BUNDLE;
   check_damo_step_args(a, "mmalign::damo_step_fwd");
-  const int64_t N = pc.size(0);
-  const auto opts = pc.options().dtype(pc.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
-  const DamoStepOutputs o{at::empty({}, opts),     at::empty({N}, opts), at::empty({N}, opts.dtype(at::kBool)),
-                          at::empty({N}, opts),    at::empty({N}, opts), at::empty({N}, opts),
-                          at::empty({N}, opts),    at::empty({N}, opts.dtype(at::kBool)),
-                          at::empty({N}, opts),    at::empty({N}, opts), at::empty({}, opts)};
+  const DamoStepOutputs o = empty_damo_step_outputs(pc);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pc.scalar_type(), "damo_step_cpu", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     step_impl<scalar_t, acc_t>(a, o);
   });
-  return {o.loss,    o.losses,     o.keep, o.beta,  o.rw,   o.rl,
-          o.margins, o.accuracies, o.grad_u,               o.dl_du, o.alpha_m};
+  return as_tuple(o);
 }
 
 }  // namespace cpu

@@ -364,9 +364,16 @@ def _cpp_step(x: StepInputs, cfg: DAMOConfig):
         x.incr_step and step_t is not None, x.check)
 
 
+# The CUDA C++ kernel holds the batch in one thread block (csrc/cuda/damo_step.cu).
+CUDA_MAX_N = 8192
+
+
 def fused_step(backend: str, x: StepInputs, cfg: DAMOConfig) -> StepOutputs:
-    """One fused step on ``backend`` ("triton" or "cpp"); differentiable w.r.t. x.pc, pr, rc, rr."""
-    if backend == "cpp":
+    """One fused step on ``backend`` ("triton", "cpp" or "cuda": the C++ operator with its C++ autograd);
+    differentiable w.r.t. x.pc, pr, rc, rr. Batches past CUDA_MAX_N run Triton's multi-program path."""
+    if backend == "cuda" and x.pc.shape[0] > CUDA_MAX_N:
+        backend = "triton"
+    if backend != "triton":
         return StepOutputs(*_cpp_step(x, cfg))
     x = x._replace(pc=x.pc.contiguous(), pr=x.pr.contiguous(), rc=x.rc.contiguous(), rr=x.rr.contiguous(),
                    beta=x.beta.contiguous() if isinstance(x.beta, torch.Tensor) else x.beta,

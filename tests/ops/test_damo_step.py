@@ -7,6 +7,7 @@ import torch
 
 import mmalign
 import mmalign.functional as F
+from mmalign import _dispatch
 from mmalign.ops.damo_step import DAMOConfig, damo_step_reference, uniforms_reference
 
 from .._numerics import DEVICES, backends, cases
@@ -75,11 +76,13 @@ def test_matches_reference(rng, poison, device, backend, dtype, cfg, g0):
 
 
 @pytest.mark.parametrize("device,backend,dtype", cases(OP))
-@pytest.mark.parametrize("N", [1, 2, 3, 16, 17, 1000, 4096])
+@pytest.mark.parametrize("N", [1, 2, 3, 16, 17, 1000, 4096, 8192, 8193])  # 8192: one full block/program
 def test_fuzzed_sizes_and_k(rng, device, backend, dtype, N):
     if backend == "triton" and device == "cpu" and N > 17:
         pytest.skip("the Triton interpreter sorts 1000+ keys in ~10 s per call; cpp/reference cover it on CPU, "
                     "the GPU run covers Triton")
+    if device == "cpu" and N > 4096:
+        pytest.skip("the one-block/one-program limit of the GPU kernels; on CPU 4096 covers the C++ kernel")
     logps, alpha_d = _inputs(rng, N, device)
     g = torch.tensor(0.1 * torch.randn((), generator=rng).item(), device=device)
     for K, cfg in itertools.product(sorted({1, max(1, N - 1), N}), (dict(), dict(variant="paper", keep=None))):
@@ -398,12 +401,12 @@ def test_opcheck(rng):
     torch.library.opcheck(torch.ops.mmalign.damo_step.default, grads + args[4:])
 
 
-def _step_without_sync(n: int):
+def _step_without_sync(n: int, backend=None):
     """One DAMOLoss step (check_inputs=False) on n CUDA pairs under sync debug mode "error": any host
     synchronization raises."""
     g = torch.Generator(device="cuda").manual_seed(0)
     logps = [torch.randn(n, device="cuda", generator=g) - 20 for _ in range(4)]
-    m = mmalign.nn.DAMOLoss(check_inputs=False).to("cuda")
+    m = mmalign.nn.DAMOLoss(check_inputs=False, backend=backend).to("cuda")
     torch.cuda.set_sync_debug_mode("error")
     try:
         out = m(*logps)
@@ -415,9 +418,12 @@ def _step_without_sync(n: int):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("n", [16, 10000])  # 10000: past MAX_FUSED_N = 8192, the multi-program path
-def test_no_host_sync_and_graph_capture(n):
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_no_host_sync_and_graph_capture(n, backend):
     """With check_inputs=False the step never synchronizes, and it replays inside a CUDA graph."""
-    m, logps = _step_without_sync(n)
+    if _dispatch.not_supported_reasons(OP, backend, "cuda", torch.float32):
+        pytest.skip(f"no {backend} backend here")
+    m, logps = _step_without_sync(n, backend)
     static = [t.clone() for t in logps]
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
