@@ -5,9 +5,9 @@
 #include <optional>
 #include <tuple>
 
-namespace mmalign {
+#include "damo_step_math.h"
 
-enum DamoSelect : int64_t { kSelectAll = 0, kSelectClosest = 1, kSelectClosestSample = 2, kSelectBottom = 3, kSelectTop = 4 };
+namespace mmalign {
 
 struct DamoStepArgs {
   const at::Tensor& pc;

@@ -14,6 +14,10 @@
 #endif
 
 namespace mmalign {
+
+// The kept-set rules (SELECT codes of mmalign/ops/damo_step.py).
+enum DamoSelect : int64_t { kSelectAll = 0, kSelectClosest = 1, kSelectClosestSample = 2, kSelectBottom = 3, kSelectTop = 4 };
+
 namespace damo {
 
 MMALIGN_HD uint64_t mix64(uint64_t z) {
@@ -52,11 +56,11 @@ MMALIGN_HD T model_aware(T u, T beta, T g, bool paper) {
   return (g < T(1e-6) && g > T(-1e-6)) ? R : R / g;
 }
 
-// The ranking key before Gumbel noise (select codes of DamoSelect): the kept set is the K largest.
+// The ranking key before Gumbel noise: the kept set is the K largest.
 template <typename T>
 MMALIGN_HD T selection_key(T A, T g, int64_t select, bool paper) {
   const T d = A - g;
-  return select == 3 ? -A : select == 4 ? A : paper ? -d * d : -d * d / 2;
+  return select == kSelectBottom ? -A : select == kSelectTop ? A : paper ? -d * d : -d * d / 2;
 }
 
 // beta_i = max(beta * alpha, min_beta), alpha = alpha_D,i * alpha_M or (1 - rho) alpha_M + rho alpha_D,i.
