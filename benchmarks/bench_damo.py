@@ -13,7 +13,7 @@ import torch.nn.functional as TF
 
 import mmalign.functional as F
 from mmalign import _dispatch
-from mmalign.ops.damo_step import DAMOConfig, damo_step_reference
+from mmalign.ops.damo_step import CUDA_MAX_N, DAMOConfig, damo_step_reference
 
 from conftest import run_case
 
@@ -87,6 +87,8 @@ def test_damo_step(benchmark, device, quick, mode, provider, N):
         pytest.skip(f"{provider} is not benchmarked on {device}")
     if provider in _dispatch.BACKENDS and _dispatch.not_supported_reasons("damo_step", provider, device, torch.float32):
         pytest.skip(f"{provider} cannot run here")
+    if provider == "cuda" and N > CUDA_MAX_N:
+        pytest.skip("past one thread block the cuda backend runs the Triton multi-program path (measured as triton)")
     g = torch.Generator(device=device).manual_seed(0)
     logps = [-20 + 3 * torch.randn(N, device=device, generator=g) for _ in range(4)]
     alpha_d = 0.5 + torch.rand(N, device=device, generator=g)
