@@ -532,6 +532,27 @@ def test_multi_program_keys_equal_the_one_program_keys(rng, monkeypatch):
             assert torch.equal(c.metrics.keep, many.metrics.keep.cpu())
 
 
+@pytest.mark.parametrize("cfg", [DAMOConfig(), DAMOConfig(variant="paper", filter="bottom"),
+                                 DAMOConfig.from_preset("dpo", loss_type="ipo")], ids=["damo", "paper-bottom", "dpo"])
+def test_multi_program_path_at_its_real_sizes(rng, cfg):
+    """No monkeypatching: 9000 float32 pairs, past MAX_FUSED_N = 8192, in 1024-pair programs: the C++
+    kernel's mask and values (the keys kernel, torch.topk's threshold and the partials at their sizes)."""
+    import mmalign.ops.damo_step_triton as dt
+
+    dev = DEVICES[-1]
+    if "triton" not in backends(OP, dev, torch.float32) or "cpp" not in backends(OP, "cpu", torch.float32):
+        pytest.skip("needs the Triton and C++ backends")
+    logps, alpha_d = _inputs(rng, dt.MAX_FUSED_N + 808, dev, torch.float32)
+    a = F.damo_step(*logps, torch.tensor(0.3, device=dev), alpha_d=alpha_d, config=cfg, seed=3, step=5,
+                    backend="triton")
+    b = F.damo_step(*[t.cpu() for t in logps], torch.tensor(0.3), alpha_d=alpha_d.cpu(), config=cfg, seed=3, step=5,
+                    backend="cpp")
+    assert torch.equal(a.metrics.keep.cpu(), b.metrics.keep)
+    torch.testing.assert_close(a.loss.cpu(), b.loss)
+    torch.testing.assert_close(a.running_mean.cpu(), b.running_mean)
+    torch.testing.assert_close(a.metrics.losses.cpu(), b.metrics.losses)
+
+
 def test_multi_program_underflowing_weights_keep_the_closest(multi_program):
     """Every w_i = 0 (A far from g): the sampled selection falls back to the K closest to g, decided from
     the batch-wide maximum the first keys launch writes."""
