@@ -4,6 +4,7 @@
 
 #include <optional>
 #include <tuple>
+#include <utility>
 
 #include "damo_step_math.h"
 
@@ -63,5 +64,15 @@ void check_damo_step_args(const DamoStepArgs& a, const char* op);
 // the operator's tuple of them.
 DamoStepOutputs empty_damo_step_outputs(const at::Tensor& pc);
 DamoStepTuple as_tuple(const DamoStepOutputs& o);
+
+#ifdef MMALIGN_WITH_CUDA
+namespace cuda {
+// The backward of the C++ autograd op on CUDA tensors, one kernel: (gu, -gu or undefined), gu =
+// g_loss * grad_u + g_losses * dl_du (either gradient may be undefined).
+std::pair<at::Tensor, at::Tensor> damo_step_backward(const at::Tensor& grad_u, const at::Tensor& dl_du,
+                                                     const at::Tensor& g_loss, const at::Tensor& g_losses,
+                                                     bool need_neg);
+}  // namespace cuda
+#endif
 
 }  // namespace mmalign

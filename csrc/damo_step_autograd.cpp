@@ -1,7 +1,8 @@
 // mmalign::damo_step: the fused DAMO step with its gradient, all in C++ (no Python on the way).
 //
 // The Autograd kernel wraps mmalign::damo_step_fwd (whichever device kernel the dispatcher finds for
-// the inputs) in a torch::autograd::Function. The forward kernel already computes d loss / d u_i and
+// the inputs) in a torch::autograd::Function; its backward is one loop on CPU and one kernel on CUDA
+// (ATen ops for tensors seen while tracing). The forward kernel already computes d loss / d u_i and
 // d l_i / d u_i (closed form, SPEC.md section 2), so backward is one multiply-add per pair:
 //   u = (pc - rc) - (pr - rr)  ->  grad pc = grad rr = gu,  grad pr = grad rc = -gu,
 //   gu = grad_loss * (d loss / d u) + grad_losses * (d l / d u).
@@ -34,11 +35,11 @@ DamoStepTuple call_fwd(const DamoStepArgs& a) {
                  a.use_m, a.combine_sum, a.incr_step, a.check);
 }
 
-// A CPU tensor with real data (not a fake, functional or symbolic-shape tensor seen while tracing).
-bool plain_cpu(const at::Tensor& t) {
+// A tensor with real data (not a fake, functional or symbolic-shape tensor seen while tracing).
+bool plain(const at::Tensor& t) {
   const auto tracing = c10::DispatchKeySet({c10::DispatchKey::Python, c10::DispatchKey::PythonTLSSnapshot,
                                             c10::DispatchKey::Functionalize});
-  return t.is_cpu() && !t.key_set().has_any(tracing) && !t.unsafeGetTensorImpl()->has_symbolic_sizes_strides();
+  return !t.key_set().has_any(tracing) && !t.unsafeGetTensorImpl()->has_symbolic_sizes_strides();
 }
 
 // The non-differentiable outputs (keep, beta_i, rewards, margins, accuracies, alpha_M) leave the
@@ -71,7 +72,11 @@ class DamoStepFunction : public torch::autograd::Function<DamoStepFunction> {
   static std::pair<at::Tensor, at::Tensor> input_grads(const at::Tensor& grad_u, const at::Tensor& dl_du,
                                                        const at::Tensor& g_loss, const at::Tensor& g_losses,
                                                        bool need_neg) {
-    if (!plain_cpu(grad_u) || (g_loss.defined() && !plain_cpu(g_loss)) || (g_losses.defined() && !plain_cpu(g_losses))) {
+    const bool real = plain(grad_u) && (!g_loss.defined() || plain(g_loss)) && (!g_losses.defined() || plain(g_losses));
+#ifdef MMALIGN_WITH_CUDA
+    if (real && grad_u.is_cuda()) return cuda::damo_step_backward(grad_u, dl_du, g_loss, g_losses, need_neg);
+#endif
+    if (!real || !grad_u.is_cpu() || (g_loss.defined() && !g_loss.is_cpu()) || (g_losses.defined() && !g_losses.is_cpu())) {
       at::Tensor gu = g_loss.defined() ? grad_u.mul(g_loss) : at::zeros_like(grad_u);
       if (g_losses.defined()) gu = gu.addcmul(g_losses, dl_du);
       return {gu, need_neg ? gu.neg() : at::Tensor()};

@@ -10,6 +10,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -106,6 +107,29 @@ DamoStepTuple damo_step_fwd(MMALIGN_DAMO_STEP_PARAMS) {
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return as_tuple(o);
+}
+
+std::pair<at::Tensor, at::Tensor> damo_step_backward(const at::Tensor& grad_u, const at::Tensor& dl_du,
+                                                     const at::Tensor& g_loss, const at::Tensor& g_losses,
+                                                     bool need_neg) {
+  const c10::cuda::CUDAGuard guard(grad_u.device());
+  const int64_t N = grad_u.numel();
+  const auto st = grad_u.scalar_type();
+  const at::Tensor gl = !g_loss.defined() || g_loss.scalar_type() == st ? g_loss : g_loss.to(st);
+  const at::Tensor gls = !g_losses.defined() || g_losses.scalar_type() == st ? g_losses : g_losses.to(st);
+  at::Tensor pos = at::empty_like(grad_u), neg = need_neg ? at::empty_like(grad_u) : at::Tensor();
+  const int threads = 256;
+  const int blocks = static_cast<int>(std::min<int64_t>((N + threads - 1) / threads, 1024));
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(st, "damo_step_bwd_cuda", [&] {
+    damo_step_bwd_kernel<scalar_t><<<blocks, threads, 0, stream>>>(
+        grad_u.const_data_ptr<scalar_t>(), dl_du.const_data_ptr<scalar_t>(),
+        gl.defined() ? gl.const_data_ptr<scalar_t>() : nullptr, gls.defined() ? gls.const_data_ptr<scalar_t>() : nullptr,
+        gls.defined() ? gls.stride(0) : 0, pos.mutable_data_ptr<scalar_t>(),
+        need_neg ? neg.mutable_data_ptr<scalar_t>() : nullptr, N);
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {pos, neg};
 }
 
 }  // namespace cuda

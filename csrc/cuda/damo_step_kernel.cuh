@@ -218,6 +218,20 @@ __global__ void __launch_bounds__(kThreads) damo_step_kernel(const StepParams<sc
   }
 }
 
+// Backward (SPEC.md section 2's gradient, closed form): gu_i = g_loss * grad_u_i + g_losses_i * dl_du_i for
+// the grad of pc and rr, -gu_i for pr and rc (neg may be null). g_loss / g_losses may be null (undefined
+// gradients); g_losses has stride s_gls (0 for an expanded gradient).
+template <typename acc_t>
+__global__ void damo_step_bwd_kernel(const acc_t* grad_u, const acc_t* dl_du, const acc_t* g_loss,
+                                     const acc_t* g_losses, int64_t s_gls, acc_t* pos, acc_t* neg, int64_t N) {
+  const acc_t gl = g_loss ? *g_loss : acc_t(0);
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < N; i += int64_t(blockDim.x) * gridDim.x) {
+    const acc_t v = gl * grad_u[i] + (g_losses ? g_losses[i * s_gls] * dl_du[i] : acc_t(0));
+    pos[i] = v;
+    if (neg) neg[i] = -v;
+  }
+}
+
 // Threads and dynamic shared memory of the launch for n pairs.
 inline int damo_step_threads(int64_t n) {
   return static_cast<int>(n >= kThreads ? kThreads : (n + 31) / 32 * 32);

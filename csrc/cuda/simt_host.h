@@ -103,6 +103,8 @@ inline void launch(int threads, size_t smem, const std::function<void()>& kernel
 
 #define threadIdx (::mmalign::simt::thread_idx)
 #define blockDim (::mmalign::simt::current()->dim)
+#define blockIdx (::mmalign::simt::Dim{0, 0, 0})  // one block
+#define gridDim (::mmalign::simt::Dim{1, 1, 1})
 
 inline void __syncthreads() { ::mmalign::simt::current()->block->wait(); }
 

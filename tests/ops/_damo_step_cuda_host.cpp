@@ -50,3 +50,11 @@ extern "C" int damo_step_host(int fp64, int64_t N, const void* pc, const void* p
                                     grad_u, dl_du, alpha_m);
   return 0;
 }
+
+// The backward kernel, float64: pos (and neg when given) from grad_u, dl_du, g_loss, g_losses (nullable).
+extern "C" void damo_step_bwd_host(int64_t N, const double* grad_u, const double* dl_du, const double* g_loss,
+                                   const double* g_losses, int64_t s_gls, double* pos, double* neg, int threads) {
+  mmalign::simt::launch(threads, 0, [&] {
+    mmalign::cuda::damo_step_bwd_kernel<double>(grad_u, dl_du, g_loss, g_losses, s_gls, pos, neg, N);
+  });
+}

@@ -1,4 +1,4 @@
-"""The CUDA DAMO step kernel's own code, run on the host: csrc/cuda/damo_step_kernel.cuh compiled with g++
+"""The CUDA DAMO step kernels' own code (forward and backward), run on the host: csrc/cuda/damo_step_kernel.cuh compiled with g++
 against csrc/cuda/simt_host.h (one std::thread per CUDA thread, emulated barriers and warp shuffles),
 compared output by output with the C++ CPU kernel (mmalign::damo_step_fwd on CPU tensors), which the
 other tests hold to the SPEC.md reference. What this cannot show (CUDA's memory model, real warps,
@@ -24,7 +24,8 @@ CONFIGS = [DAMOConfig(), DAMOConfig(selection="topk"), DAMOConfig(variant="paper
 
 
 @pytest.fixture(scope="module")
-def kernel(tmp_path_factory):
+def library(tmp_path_factory):
+    """tests/ops/_damo_step_cuda_host.cpp built with g++ (the kernel header against simt_host.h)."""
     cxx = shutil.which("g++") or shutil.which("c++")
     if cxx is None:
         pytest.skip("no C++ compiler")
@@ -33,9 +34,18 @@ def kernel(tmp_path_factory):
     lib = tmp_path_factory.mktemp("simt") / "damo_step_host.so"
     subprocess.run([cxx, "-std=c++17", "-O1", "-pthread", "-shared", "-fPIC", f"-I{ROOT / 'csrc'}", "-o", str(lib),
                     str(ROOT / "tests" / "ops" / "_damo_step_cuda_host.cpp")], check=True, capture_output=True)
-    fn = ctypes.CDLL(str(lib)).damo_step_host
-    fn.restype = ctypes.c_int
-    return fn
+    return ctypes.CDLL(str(lib))
+
+
+@pytest.fixture(scope="module")
+def kernel(library):
+    library.damo_step_host.restype = ctypes.c_int
+    return library.damo_step_host
+
+
+@pytest.fixture(scope="module")
+def backward_kernel(library):
+    return library.damo_step_bwd_host
 
 
 def _ptr(t):
@@ -145,3 +155,25 @@ def test_one_block_limit_is_the_python_side_limit(kernel):
     host entry refuses CUDA_MAX_N + 1 pairs before touching any pointer (8192 runs in the test above)."""
     args = [ctypes.c_int(1), ctypes.c_int64(ds.CUDA_MAX_N + 1)] + [None] * 35
     assert kernel(*args) == 1
+
+
+@pytest.mark.parametrize("gl,gls,neg", [(True, False, True), (False, True, True), (True, True, False), (False, False, True)])
+@pytest.mark.parametrize("N", [5, 700])  # 700 > one 256-thread block: the block-stride loop
+def test_backward_kernel(backward_kernel, gl, gls, neg, N):
+    """gu = g_loss * grad_u + g_losses * dl_du into pos, -gu into neg; either gradient may be absent, and
+    g_losses may be an expanded (stride 0) tensor."""
+    gen = torch.Generator().manual_seed(N)
+    grad_u, dl_du = torch.randn(N, generator=gen, dtype=torch.float64), torch.randn(N, generator=gen, dtype=torch.float64)
+    g_loss = torch.tensor(0.7, dtype=torch.float64) if gl else None
+    g_losses = torch.randn(N, generator=gen, dtype=torch.float64) if gls and N == 5 else (
+        torch.tensor([1.5], dtype=torch.float64).expand(N) if gls else None)
+    pos, minus = torch.full((N,), float("nan"), dtype=torch.float64), torch.full((N,), float("nan"), dtype=torch.float64)
+    backward_kernel(ctypes.c_int64(N), _ptr(grad_u), _ptr(dl_du), _ptr(g_loss), _ptr(g_losses),
+                    ctypes.c_int64(g_losses.stride(0) if g_losses is not None else 0), _ptr(pos),
+                    _ptr(minus) if neg else None, ctypes.c_int(256))
+    expected = (0.7 * grad_u if gl else torch.zeros(N, dtype=torch.float64)) + (g_losses * dl_du if gls else 0)
+    torch.testing.assert_close(pos, expected)
+    if neg:
+        torch.testing.assert_close(minus, -expected)
+    else:
+        assert torch.isnan(minus).all()
