@@ -144,18 +144,21 @@ __global__ void __launch_bounds__(kThreads) damo_step_kernel(const StepParams<sc
       if (in[k]) ordered[tid + k * nt] = mine[k];
     }
     __syncthreads();
+    // before[k]: the pairs that rank before this thread's k-th pair; one shared-memory read per j serves
+    // every slot in use (slots past `items` hold no pair in any thread)
+    const int items = static_cast<int>((N + nt - 1) / nt);
+    int32_t before[kItems];
 #pragma unroll
-    for (int k = 0; k < kItems; ++k) {
-      const int64_t i = tid + int64_t(k) * nt;
-      int64_t before = 0;  // pairs that rank before pair i
-      if (in[k]) {
-        for (int64_t j = 0; j < N; ++j) {
-          const int32_t o = ordered[j];
-          before += (o > mine[k]) || (o == mine[k] && j < i);
-        }
+    for (int k = 0; k < kItems; ++k) before[k] = 0;
+    for (int64_t j = 0; j < N; ++j) {
+      const int32_t o = ordered[j];
+#pragma unroll
+      for (int k = 0; k < kItems; ++k) {
+        if (k < items) before[k] += (o > mine[k]) || (o == mine[k] && j < tid + int64_t(k) * nt);
       }
-      keep[k] = in[k] && before < p.K;
     }
+#pragma unroll
+    for (int k = 0; k < kItems; ++k) keep[k] = in[k] && before[k] < p.K;
   }
 
   // ---- alpha_M and the running mean ----

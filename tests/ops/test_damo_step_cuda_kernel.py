@@ -177,3 +177,14 @@ def test_backward_kernel(backward_kernel, gl, gls, neg, N):
         torch.testing.assert_close(minus, -expected)
     else:
         assert torch.isnan(minus).all()
+
+
+@pytest.mark.parametrize("N", [40, 2500])  # 2500: ties across a thread's several pairs
+def test_ties_break_towards_the_lower_index(kernel, N):
+    """Equal keys: the lower index is kept first, in every slot of every thread."""
+    z = torch.zeros(N, dtype=torch.float64)
+    u = torch.tensor([0.5, -0.5, 0.25] * N, dtype=torch.float64)[:N]
+    for cfg in (DAMOConfig(selection="topk", keep=N // 2), DAMOConfig(filter="top", keep=N // 3 + 1)):
+        out = _compare(kernel, [u, z, z, z], torch.ones(N, dtype=torch.float64), 0.1, None, torch.tensor(0.0), cfg)
+        kept = out[2].nonzero().flatten()
+        assert kept.numel() == cfg.keep
