@@ -6,6 +6,7 @@ speed) is left to the GPU run of test_damo_step.py, whose cases include backend=
 import ctypes
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -32,8 +33,11 @@ def library(tmp_path_factory):
     if "cpp" not in backends("damo_step", "cpu", torch.float64):
         pytest.skip("the C++ CPU kernel (the oracle) is not built")
     lib = tmp_path_factory.mktemp("simt") / "damo_step_host.so"
+    # the shared system libstdc++ by soname, as setup.py links mmalign._C (a toolchain's own static or newer
+    # runtime beside torch's is what that avoids)
+    link = ["-l:libstdc++.so.6"] if sys.platform.startswith("linux") else []
     subprocess.run([cxx, "-std=c++17", "-O1", "-pthread", "-shared", "-fPIC", f"-I{ROOT / 'csrc'}", "-o", str(lib),
-                    str(ROOT / "tests" / "ops" / "_damo_step_cuda_host.cpp")], check=True, capture_output=True)
+                    str(ROOT / "tests" / "ops" / "_damo_step_cuda_host.cpp"), *link], check=True, capture_output=True)
     return ctypes.CDLL(str(lib))
 
 
