@@ -39,25 +39,50 @@ inline int64_t rank_key(float key, int64_t i, int64_t block) {
   return (static_cast<int64_t>(damo::ordered_bits(key)) << 32) | (block - 1 - i);
 }
 
+// x - x is 0 for finite x and NaN for +-inf and NaN: a test the compiler vectorizes (no -ffast-math here)
 template <typename T>
 inline bool finite(T x) {
-  return std::isfinite(static_cast<double>(x));
+  return (x - x) == T(0);
 }
 
-// n values at p, stride st, as acc_t (one copy-convert pass when contiguous).
+// n values as acc_t: a view of the caller's memory when it already is contiguous acc_t, else a copy.
+template <typename acc_t>
+struct Values {
+  std::vector<acc_t> store;
+  const acc_t* p = nullptr;
+  acc_t operator[](int64_t i) const { return p[i]; }
+  const acc_t* data() const { return p; }
+};
+
+// n values at ptr, stride st (one copy-convert pass when contiguous and of another dtype).
 template <typename acc_t, typename scalar_t>
-std::vector<acc_t> to_acc(const scalar_t* p, int64_t n, int64_t st) {
-  if (st == 1) return std::vector<acc_t>(p, p + n);
-  std::vector<acc_t> v(n);
-  for (int64_t i = 0; i < n; ++i) v[i] = static_cast<acc_t>(p[i * st]);
+Values<acc_t> to_acc(const scalar_t* ptr, int64_t n, int64_t st) {
+  Values<acc_t> v;
+  if constexpr (std::is_same_v<acc_t, scalar_t>) {
+    if (st == 1) {
+      v.p = ptr;
+      return v;
+    }
+  }
+  if (st == 1) {
+    v.store.assign(ptr, ptr + n);
+  } else {
+    v.store.resize(n);
+    for (int64_t i = 0; i < n; ++i) v.store[i] = static_cast<acc_t>(ptr[i * st]);
+  }
+  v.p = v.store.data();
   return v;
 }
 
 // An optional (N,) tensor of any float dtype and stride as acc_t values; `fill` where absent.
 template <typename acc_t>
-std::vector<acc_t> load_vec(const std::optional<at::Tensor>& t, int64_t N, acc_t fill) {
-  if (!t.has_value()) return std::vector<acc_t>(N, fill);
-  std::vector<acc_t> v;
+Values<acc_t> load_vec(const std::optional<at::Tensor>& t, int64_t N, acc_t fill) {
+  Values<acc_t> v;
+  if (!t.has_value()) {
+    v.store.assign(N, fill);
+    v.p = v.store.data();
+    return v;
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t->scalar_type(), "damo_step_load", [&] {
     v = to_acc<acc_t>(t->const_data_ptr<scalar_t>(), N, t->stride(0));
   });
@@ -102,11 +127,12 @@ void sigmoid_(std::vector<T>& v) {
 
 // The functional API's message (mmalign/functional.py, _check_pair_inputs), raised as ValueError.
 template <typename acc_t>
-void check_finite(const char* name, const std::vector<acc_t>& v) {
-  for (const acc_t x : v) {
-    TORCH_CHECK_VALUE(finite(x), name, ": expected finite values, got NaN or inf (pass check_inputs=False to let "
-                      "them propagate: NaN loss, empty mask, g unchanged)");
-  }
+void check_finite(const char* name, const acc_t* x, int64_t n) {
+  int64_t n_bad = 0;
+#pragma omp simd reduction(+ : n_bad)
+  for (int64_t i = 0; i < n; ++i) n_bad += finite(x[i]) ? 0 : 1;
+  TORCH_CHECK_VALUE(n_bad == 0, name, ": expected finite values, got NaN or inf (pass check_inputs=False to let "
+                    "them propagate: NaN loss, empty mask, g unchanged)");
 }
 
 template <typename scalar_t, typename acc_t>
@@ -120,24 +146,41 @@ void step_impl(const DamoStepArgs& a, const DamoStepOutputs& o) {
   const auto wts = load_vec(a.weights, N, acc_t(1));
   const acc_t g = static_cast<acc_t>(*a.g.const_data_ptr<float>());
   if (a.check) {
-    check_finite("policy_chosen_logps", pc);
-    check_finite("policy_rejected_logps", pr);
-    check_finite("ref_chosen_logps", rc);
-    check_finite("ref_rejected_logps", rr);
-    check_finite("running_mean", std::vector<acc_t>{g});
-    if (a.alpha_d.has_value()) check_finite("alpha_d", ad);
-    if (has_w) check_finite("weights", wts);
-    for (const acc_t b : beta) TORCH_CHECK_VALUE(b > 0, "beta: expected every beta > 0");
+    check_finite("policy_chosen_logps", pc.data(), N);
+    check_finite("policy_rejected_logps", pr.data(), N);
+    check_finite("ref_chosen_logps", rc.data(), N);
+    check_finite("ref_rejected_logps", rr.data(), N);
+    check_finite("running_mean", &g, 1);
+    if (a.alpha_d.has_value()) check_finite("alpha_d", ad.data(), N);
+    if (has_w) check_finite("weights", wts.data(), N);
+    int64_t n_nonpositive = 0;
+#pragma omp simd reduction(+ : n_nonpositive)
+    for (int64_t i = 0; i < N; ++i) n_nonpositive += beta[i] > 0 ? 0 : 1;
+    TORCH_CHECK_VALUE(n_nonpositive == 0, "beta: expected every beta > 0");
   }
 
-  std::vector<acc_t> logr_w(N), logr_l(N), u(N), A(N);
+  std::vector<acc_t> u(N), A(N);
   int64_t n_bad = 0;
-  for (int64_t i = 0; i < N; ++i) {
-    logr_w[i] = pc[i] - rc[i];
-    logr_l[i] = pr[i] - rr[i];
-    u[i] = logr_w[i] - logr_l[i];
-    A[i] = damo::model_aware(u[i], beta[i], g, a.paper);
-    n_bad += finite(A[i]) ? 0 : 1;
+  {
+    const acc_t *PC = pc.data(), *PR = pr.data(), *RC = rc.data(), *RR = rr.data(), *BETA = beta.data();
+    acc_t* __restrict__ U = u.data();
+    acc_t* __restrict__ AA = A.data();
+    if (a.paper) {  // R-hat = beta u / g (beta u while |g| < 1e-6)
+      const bool small_g = g < acc_t(1e-6) && g > acc_t(-1e-6);
+      const acc_t div = small_g ? acc_t(1) : g;
+#pragma omp simd reduction(+ : n_bad)
+      for (int64_t i = 0; i < N; ++i) {
+        U[i] = (PC[i] - RC[i]) - (PR[i] - RR[i]);
+        AA[i] = BETA[i] * U[i] / div;
+        n_bad += finite(AA[i]) ? 0 : 1;
+      }
+    } else {
+#pragma omp simd reduction(+ : n_bad)
+      for (int64_t i = 0; i < N; ++i) {
+        U[i] = AA[i] = (PC[i] - RC[i]) - (PR[i] - RR[i]);
+        n_bad += finite(AA[i]) ? 0 : 1;
+      }
+    }
   }
   const bool bad = n_bad > 0 || !finite(g);
 
@@ -196,58 +239,73 @@ void step_impl(const DamoStepArgs& a, const DamoStepOutputs& o) {
   if (!a.use_m) alpha_m = 1;
 
   // ---- per-pair beta, loss and derivative; weighted mean over S ----
-  std::vector<acc_t> beta_i(N), mm(N), losses(N), dl_du(N), wt(N);
-  for (int64_t i = 0; i < N; ++i) {
-    beta_i[i] = damo::pair_beta(beta[i], alpha_m, ad[i], a.combine_sum, acc_t(a.rho), static_cast<acc_t>(a.min_beta));
-    mm[i] = beta_i[i] * u[i];
+  // written straight into the (distinct, fresh) outputs: __restrict__ lets the loops vectorize
+  acc_t* __restrict__ BETA_I = o.beta.mutable_data_ptr<acc_t>();
+  acc_t* __restrict__ L = o.losses.mutable_data_ptr<acc_t>();
+  acc_t* __restrict__ D = o.dl_du.mutable_data_ptr<acc_t>();
+  std::vector<acc_t> mm(N), wt(N);
+  {
+    const acc_t *BETA = beta.data(), *AD = ad.data(), *U = u.data();
+    const acc_t rho = acc_t(a.rho), min_beta = static_cast<acc_t>(a.min_beta);
+    const bool combine_sum = a.combine_sum;
+#pragma omp simd
+    for (int64_t i = 0; i < N; ++i) {
+      BETA_I[i] = damo::pair_beta(BETA[i], alpha_m, AD[i], combine_sum, rho, min_beta);
+      mm[i] = BETA_I[i] * U[i];
+    }
   }
-  // sigmoid loss: e = exp(-|m|) and log1p(e) for the whole batch at once (vectorized when long)
-  std::vector<acc_t> e, l1pe;
+  const acc_t eps = a.eps;
   if (a.loss_kind == 0) {
-    e.resize(N);
+    // sigmoid loss: e = exp(-|m|) and log1p(e) for the whole batch at once (vectorized when long)
+    std::vector<acc_t> e(N);
+#pragma omp simd
     for (int64_t i = 0; i < N; ++i) e[i] = -std::abs(mm[i]);
     exp_(e);
-    l1pe = e;
+    std::vector<acc_t> l1pe = e;
     log1p_(l1pe);
+    const acc_t *M = mm.data(), *E = e.data(), *LP = l1pe.data();
+#pragma omp simd
+    for (int64_t i = 0; i < N; ++i) damo::sigmoid_loss(M[i], E[i], LP[i], BETA_I[i], eps, L[i], D[i]);
+  } else {  // one loop per loss kind: each vectorizes (the ternaries become blends)
+    const acc_t* U = u.data();
+    const int64_t kind = a.loss_kind;
+#pragma omp simd
+    for (int64_t i = 0; i < N; ++i) damo::pair_loss(U[i], BETA_I[i], eps, kind, L[i], D[i]);
   }
   acc_t denom = 0, num = 0;
-  const acc_t eps = a.eps;
-  for (int64_t i = 0; i < N; ++i) {
-    if (a.loss_kind == 0) {
-      damo::sigmoid_loss(mm[i], e[i], l1pe[i], beta_i[i], eps, losses[i], dl_du[i]);
-    } else {
-      damo::pair_loss(u[i], beta_i[i], eps, a.loss_kind, losses[i], dl_du[i]);
-    }
-    wt[i] = (keep[i] ? acc_t(1) : acc_t(0)) * (has_w ? wts[i] : acc_t(1));
-  }
+  {
+    const acc_t* W = wts.data();
+    const char* KP = keep.data();
 #pragma omp simd reduction(+ : denom, num)
-  for (int64_t i = 0; i < N; ++i) {
-    denom += wt[i];
-    num += wt[i] * losses[i];
+    for (int64_t i = 0; i < N; ++i) {
+      wt[i] = (KP[i] ? acc_t(1) : acc_t(0)) * (has_w ? W[i] : acc_t(1));
+      denom += wt[i];
+      num += wt[i] * L[i];
+    }
   }
   const acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
-  // distinct fresh outputs: __restrict__ lets the compiler keep values in registers and vectorize
-  acc_t* __restrict__ LOSSES = o.losses.mutable_data_ptr<acc_t>();
   bool* __restrict__ KEEP = o.keep.mutable_data_ptr<bool>();
-  acc_t* __restrict__ BETA = o.beta.mutable_data_ptr<acc_t>();
   acc_t* __restrict__ RW = o.rw.mutable_data_ptr<acc_t>();
   acc_t* __restrict__ RL = o.rl.mutable_data_ptr<acc_t>();
   acc_t* __restrict__ MARGINS = o.margins.mutable_data_ptr<acc_t>();
   bool* __restrict__ ACC = o.accuracies.mutable_data_ptr<bool>();
   acc_t* __restrict__ GU = o.grad_u.mutable_data_ptr<acc_t>();
-  acc_t* __restrict__ DL = o.dl_du.mutable_data_ptr<acc_t>();
   const acc_t inv_denom = acc_t(1) / denom;
+  const acc_t *PC = pc.data(), *PR = pr.data(), *RC = rc.data(), *RR = rr.data();
+#pragma omp simd
   for (int64_t i = 0; i < N; ++i) {
-    const acc_t rw = beta_i[i] * logr_w[i], rl = beta_i[i] * logr_l[i];
-    LOSSES[i] = bad ? nan : losses[i];
-    KEEP[i] = !bad && keep[i];
-    BETA[i] = beta_i[i];
+    const acc_t rw = BETA_I[i] * (PC[i] - RC[i]), rl = BETA_I[i] * (PR[i] - RR[i]);
     RW[i] = rw;
     RL[i] = rl;
     MARGINS[i] = rw - rl;
     ACC[i] = rw > rl;
-    GU[i] = bad ? nan : wt[i] * inv_denom * dl_du[i];
-    DL[i] = dl_du[i];
+    KEEP[i] = keep[i] != 0;
+    GU[i] = wt[i] * inv_denom * D[i];
+  }
+  if (bad) {  // documented propagation: NaN loss, losses and gradient, empty mask
+    std::fill(L, L + N, nan);
+    std::fill(GU, GU + N, nan);
+    std::fill(KEEP, KEEP + N, false);
   }
   *o.loss.mutable_data_ptr<acc_t>() = bad ? nan : num / denom;
   *o.alpha_m.mutable_data_ptr<acc_t>() = alpha_m;
