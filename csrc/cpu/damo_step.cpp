@@ -74,13 +74,16 @@ Values<acc_t> to_acc(const scalar_t* ptr, int64_t n, int64_t st) {
   return v;
 }
 
-// An optional (N,) tensor of any float dtype and stride as acc_t values; `fill` where absent.
+// An optional (N,) tensor of any float dtype and stride as acc_t values; absent: `fill` for every pair
+// (fill_absent) or no values at all (data() is null).
 template <typename acc_t>
-Values<acc_t> load_vec(const std::optional<at::Tensor>& t, int64_t N, acc_t fill) {
+Values<acc_t> load_vec(const std::optional<at::Tensor>& t, int64_t N, acc_t fill, bool fill_absent = true) {
   Values<acc_t> v;
   if (!t.has_value()) {
-    v.store.assign(N, fill);
-    v.p = v.store.data();
+    if (fill_absent) {
+      v.store.assign(N, fill);
+      v.p = v.store.data();
+    }
     return v;
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t->scalar_type(), "damo_step_load", [&] {
@@ -141,9 +144,9 @@ void step_impl(const DamoStepArgs& a, const DamoStepOutputs& o) {
   auto load = [N](const at::Tensor& t) { return to_acc<acc_t>(t.const_data_ptr<scalar_t>(), N, t.stride(0)); };
   const auto pc = load(a.pc), pr = load(a.pr), rc = load(a.rc), rr = load(a.rr);
   const auto beta = load_vec(a.beta, N, static_cast<acc_t>(a.beta_scalar));
-  const auto ad = load_vec(a.alpha_d, N, acc_t(1));
+  const auto ad = load_vec(a.alpha_d, N, acc_t(1), false);  // null when absent (alpha_D = 1)
   const bool has_w = a.weights.has_value();
-  const auto wts = load_vec(a.weights, N, acc_t(1));
+  const auto wts = load_vec(a.weights, N, acc_t(1), false);  // null when absent
   const acc_t g = static_cast<acc_t>(*a.g.const_data_ptr<float>());
   if (a.check) {
     check_finite("policy_chosen_logps", pc.data(), N);
@@ -159,12 +162,12 @@ void step_impl(const DamoStepArgs& a, const DamoStepOutputs& o) {
     TORCH_CHECK_VALUE(n_nonpositive == 0, "beta: expected every beta > 0");
   }
 
-  std::vector<acc_t> u(N), A(N);
+  std::vector<acc_t> u(N), A_store(a.paper ? N : 0);  // A is u itself for "official"
   int64_t n_bad = 0;
   {
     const acc_t *PC = pc.data(), *PR = pr.data(), *RC = rc.data(), *RR = rr.data(), *BETA = beta.data();
     acc_t* __restrict__ U = u.data();
-    acc_t* __restrict__ AA = A.data();
+    acc_t* __restrict__ AA = A_store.data();
     if (a.paper) {  // R-hat = beta u / g (beta u while |g| < 1e-6)
       const bool small_g = g < acc_t(1e-6) && g > acc_t(-1e-6);
       const acc_t div = small_g ? acc_t(1) : g;
@@ -177,11 +180,12 @@ void step_impl(const DamoStepArgs& a, const DamoStepOutputs& o) {
     } else {
 #pragma omp simd reduction(+ : n_bad)
       for (int64_t i = 0; i < N; ++i) {
-        U[i] = AA[i] = (PC[i] - RC[i]) - (PR[i] - RR[i]);
-        n_bad += finite(AA[i]) ? 0 : 1;
+        U[i] = (PC[i] - RC[i]) - (PR[i] - RR[i]);
+        n_bad += finite(U[i]) ? 0 : 1;
       }
     }
   }
+  const acc_t* A = a.paper ? A_store.data() : u.data();
   const bool bad = n_bad > 0 || !finite(g);
 
   // ---- the kept set S ----
@@ -217,7 +221,7 @@ void step_impl(const DamoStepArgs& a, const DamoStepOutputs& o) {
   // ---- alpha_M and the running mean ----
   acc_t sum_sig = 0, sum_A_kept = 0, sum_A = 0;
   if (a.use_m && !a.paper) {
-    std::vector<acc_t> sig = A;
+    std::vector<acc_t> sig(A, A + N);
     sigmoid_(sig);
     for (int64_t i = 0; i < N; ++i) sum_sig += keep[i] ? sig[i] : acc_t(0);
   }
@@ -248,10 +252,18 @@ void step_impl(const DamoStepArgs& a, const DamoStepOutputs& o) {
     const acc_t *BETA = beta.data(), *AD = ad.data(), *U = u.data();
     const acc_t rho = acc_t(a.rho), min_beta = static_cast<acc_t>(a.min_beta);
     const bool combine_sum = a.combine_sum;
+    if (AD) {
 #pragma omp simd
-    for (int64_t i = 0; i < N; ++i) {
-      BETA_I[i] = damo::pair_beta(BETA[i], alpha_m, AD[i], combine_sum, rho, min_beta);
-      mm[i] = BETA_I[i] * U[i];
+      for (int64_t i = 0; i < N; ++i) {
+        BETA_I[i] = damo::pair_beta(BETA[i], alpha_m, AD[i], combine_sum, rho, min_beta);
+        mm[i] = BETA_I[i] * U[i];
+      }
+    } else {
+#pragma omp simd
+      for (int64_t i = 0; i < N; ++i) {
+        BETA_I[i] = damo::pair_beta(BETA[i], alpha_m, acc_t(1), combine_sum, rho, min_beta);
+        mm[i] = BETA_I[i] * U[i];
+      }
     }
   }
   const acc_t eps = a.eps;
@@ -276,11 +288,20 @@ void step_impl(const DamoStepArgs& a, const DamoStepOutputs& o) {
   {
     const acc_t* W = wts.data();
     const char* KP = keep.data();
+    if (has_w) {  // W is null without weights: the loops are split, not blended
 #pragma omp simd reduction(+ : denom, num)
-    for (int64_t i = 0; i < N; ++i) {
-      wt[i] = (KP[i] ? acc_t(1) : acc_t(0)) * (has_w ? W[i] : acc_t(1));
-      denom += wt[i];
-      num += wt[i] * L[i];
+      for (int64_t i = 0; i < N; ++i) {
+        wt[i] = (KP[i] ? acc_t(1) : acc_t(0)) * W[i];
+        denom += wt[i];
+        num += wt[i] * L[i];
+      }
+    } else {
+#pragma omp simd reduction(+ : denom, num)
+      for (int64_t i = 0; i < N; ++i) {
+        wt[i] = KP[i] ? acc_t(1) : acc_t(0);
+        denom += wt[i];
+        num += wt[i] * L[i];
+      }
     }
   }
   const acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
