@@ -199,7 +199,7 @@ def preference_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: to
         return preference_loss_reference(*logps, beta, loss_type=loss_type, label_smoothing=label_smoothing,
                                          weights=weights, reduction=reduction)
     # the DAMO step with every pair kept, alpha = 1 and no beta clamp ("paper" variant) is exactly §2
-    cfg = DAMOConfig.from_preset("dpo", variant="paper", loss_type=loss_type, label_smoothing=label_smoothing)
+    cfg = _config("dpo", "paper", None, None, None, None, None, None, loss_type, label_smoothing)
     scratch = torch.zeros((), dtype=torch.float32, device=dev)  # no running mean in a plain loss
     out = _damo_step_local(logps, scratch, beta, None, weights, cfg, 0, 0, False, True, name, check_inputs)
     m = out.metrics
