@@ -26,7 +26,7 @@ rounded to float32.
 
 Non-finite inputs (a NaN or +-inf margin, or a non-finite running mean): loss and per-pair losses are
 NaN, the keep mask is all False, gradients are NaN, and the running mean is left unchanged. With
-``check_finite=True`` (the default) the functional API raises before that, naming the argument.
+``check_inputs=True`` (the default) the functional API raises before that, naming the argument.
 """
 from __future__ import annotations
 
@@ -214,23 +214,16 @@ def _top_k_mask(key: torch.Tensor, k: int) -> torch.Tensor:
     return torch.zeros(key.shape, dtype=torch.bool, device=key.device).index_fill_(0, order, True)
 
 
-def _ratios(pc, pr, rc, rr, beta, running_mean, cfg: DAMOConfig):
-    """(logr_w, logr_l, u, K, g, beta_i before alpha) of SPEC.md §2-3 in the log-probs' dtype; g and beta are
-    constants for the gradient. A float beta is filled on the device (no host-to-device copy)."""
-    logr_w, logr_l = pc - rc, pr - rr
-    u = logr_w - logr_l
-    dt, dev, N = u.dtype, u.device, u.shape[0]
-    beta_t = (beta.detach().to(device=dev, dtype=dt) if isinstance(beta, torch.Tensor)
-              else torch.full((), float(beta), dtype=dt, device=dev))
-    return logr_w, logr_l, u, cfg.k(N), running_mean.detach().to(dt), beta_t.expand(N)
-
-
 def damo_step_reference(pc, pr, rc, rr, beta, running_mean, cfg: DAMOConfig, *, alpha_d=None, weights=None,
                         seed: int = 0, step: int = 0) -> DAMOStep:
     """The DAMO step, eager. Inputs (N,) log-probs; beta float or (N,); running_mean 0-dim; alpha_d,
     weights (N,) or None. Differentiable w.r.t. the log-probs."""
-    logr_w, logr_l, u, K, g, beta_t = _ratios(pc, pr, rc, rr, beta, running_mean, cfg)
-    N, dt = u.shape[0], u.dtype
+    logr_w, logr_l = pc - rc, pr - rr
+    u = logr_w - logr_l
+    dt, dev, N = u.dtype, u.device, u.shape[0]
+    K, g = cfg.k(N), running_mean.detach().to(dt)  # g and beta are constants for the gradient
+    beta_t = (beta.detach().to(device=dev, dtype=dt) if isinstance(beta, torch.Tensor)
+              else torch.full((), float(beta), dtype=dt, device=dev)).expand(N)
     A = u.detach()
     if cfg.variant == "paper":
         R = beta_t * A  # Eq. 9
@@ -254,16 +247,6 @@ def damo_step_reference(pc, pr, rc, rr, beta, running_mean, cfg: DAMOConfig, *, 
             key = log_w + (-torch.log(-torch.log(U)))  # Gumbel-top-K == sampling without replacement ~ w
         keep = _top_k_mask(key, K)
 
-    return _step_given_mask(u, logr_w, logr_l, A, g, keep, finite, beta_t, cfg, K, alpha_d, weights,
-                            running_mean.dtype)
-
-
-def _step_given_mask(u, logr_w, logr_l, A, g, keep, finite, beta_t, cfg: DAMOConfig, K: int, alpha_d, weights,
-                     g_dtype) -> DAMOStep:
-    """SPEC.md §3 from the kept set on: alpha_M, g, beta_i, the losses and their mean over S. ``finite``
-    (a bool or a 0-dim bool tensor) False gives the documented propagation: NaN loss, empty mask, g
-    unchanged (applied with torch.where: no host synchronization here)."""
-    N, dt = u.shape[0], u.dtype
     keep_f = keep.to(dt)
     if cfg.variant == "official":
         alpha_m = (torch.sigmoid(A) * keep_f).sum() / K / torch.sigmoid(g)
@@ -280,14 +263,13 @@ def _step_given_mask(u, logr_w, logr_l, A, g, keep, finite, beta_t, cfg: DAMOCon
     wt = keep_f if weights is None else keep_f * weights.to(dt)
     loss = (wt * losses).sum() / wt.sum()
     r_w, r_l = (beta_i * logr_w).detach(), (beta_i * logr_l).detach()
-    if finite is not True:  # documented propagation: NaN loss, empty mask, g unchanged
-        ok = torch.as_tensor(finite, device=u.device)
-        scale = torch.where(ok, torch.ones((), dtype=dt, device=u.device), float("nan"))  # NaN gradients too
-        loss, losses = loss * scale, losses * scale
-        keep = keep & ok
-        g_new = torch.where(ok, g_new, g)
+    if not finite:  # documented propagation: NaN loss, empty mask, g unchanged
+        nan = torch.full((), float("nan"), dtype=dt, device=u.device)
+        loss, losses = loss * nan, losses * nan  # NaN gradients too
+        keep = torch.zeros_like(keep)
+        g_new = g
     metrics = DAMOMetrics(keep, a_m.detach(), beta_i, r_w, r_l, r_w - r_l, r_w > r_l, losses)
-    return DAMOStep(loss, g_new.detach().to(g_dtype), metrics)
+    return DAMOStep(loss, g_new.detach().to(running_mean.dtype), metrics)
 
 
 # ----------------------------------------------------------------------------------------------------
