@@ -1,8 +1,9 @@
 // CPU kernel of the fused DAMO step (SPEC.md sections 2, 3, 5); mirrors _damo_step_kernel in
-// mmalign/ops/damo_step_triton.py (per-pair math shared with the CUDA kernel: damo_step_math.h): same keys, same float32 ordering with ties towards the lower index, same
-// counter-based random numbers, so both backends keep the same pairs. The per-pair loss shares one exp
-// and one log1p between logsigmoid(+-m) and sigmoid(+-m) (the same values, fewer transcendentals), and
-// long batches run their transcendentals through ATen's vectorized kernels (apply_math).
+// mmalign/ops/damo_step_triton.py, and shares its per-pair math with the CUDA kernel (damo_step_math.h):
+// same keys, same float32 ordering with ties towards the lower index, same counter-based random numbers,
+// so every backend keeps the same pairs. The per-pair loss shares one exp and one log1p between
+// logsigmoid(+-m) and sigmoid(+-m) (the same values, fewer transcendentals), and long batches run their
+// transcendentals through ATen's vectorized kernels (apply_math).
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -168,16 +169,14 @@ void step_impl(const DamoStepArgs& a, const DamoStepOutputs& o) {
     const acc_t *PC = pc.data(), *PR = pr.data(), *RC = rc.data(), *RR = rr.data(), *BETA = beta.data();
     acc_t* __restrict__ U = u.data();
     acc_t* __restrict__ AA = A_store.data();
-    if (a.paper) {  // R-hat = beta u / g (beta u while |g| < 1e-6)
-      const bool small_g = g < acc_t(1e-6) && g > acc_t(-1e-6);
-      const acc_t div = small_g ? acc_t(1) : g;
+    if (a.paper) {  // the variant is hoisted out of the loops so that each vectorizes
 #pragma omp simd reduction(+ : n_bad)
       for (int64_t i = 0; i < N; ++i) {
         U[i] = (PC[i] - RC[i]) - (PR[i] - RR[i]);
-        AA[i] = BETA[i] * U[i] / div;
+        AA[i] = damo::model_aware(U[i], BETA[i], g, true);
         n_bad += finite(AA[i]) ? 0 : 1;
       }
-    } else {
+    } else {  // A is u itself
 #pragma omp simd reduction(+ : n_bad)
       for (int64_t i = 0; i < N; ++i) {
         U[i] = (PC[i] - RC[i]) - (PR[i] - RR[i]);
