@@ -72,7 +72,6 @@ DamoStepTuple damo_step_fwd(MMALIGN_DAMO_STEP_PARAMS) {
     p.beta_scalar = static_cast<acc_t>(beta_scalar);
     p.alpha_d = ad_v ? ad_v->const_data_ptr<acc_t>() : nullptr;
     p.s_ad = s_ad;
-    p.use_d = ad_v.has_value();
     p.weights = w_v ? w_v->const_data_ptr<acc_t>() : nullptr;
     p.s_w = s_w;
     p.g = g.const_data_ptr<float>();

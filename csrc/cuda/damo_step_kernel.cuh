@@ -41,7 +41,7 @@ struct StepParams {
   int64_t* step;  // null: step_scalar
   int64_t step_scalar, seed, N, K;
   acc_t gamma, rho, eps, min_beta;
-  bool paper, use_m, use_d, combine_sum, incr_step;
+  bool paper, use_m, combine_sum, incr_step;
   int64_t select, loss_kind;
   acc_t *loss, *losses, *beta_out, *rw, *rl, *margins, *grad_u, *dl_du, *alpha_m;
   bool *keep, *accuracies;
@@ -185,7 +185,7 @@ __global__ void __launch_bounds__(kThreads) damo_step_kernel(const StepParams<sc
 #pragma unroll
   for (int k = 0; k < kItems; ++k) {
     const int64_t i = tid + int64_t(k) * nt;
-    const acc_t a_d = (in[k] && p.use_d) ? p.alpha_d[i * p.s_ad] : acc_t(1);
+    const acc_t a_d = (in[k] && p.alpha_d) ? p.alpha_d[i * p.s_ad] : acc_t(1);
     beta_i[k] = damo::pair_beta(beta[k], alpha_m, a_d, p.combine_sum, p.rho, p.min_beta);
     damo::pair_loss(u[k], beta_i[k], p.eps, p.loss_kind, losses[k], dl_du[k]);
     wt[k] = keep[k] ? (p.weights ? p.weights[i * p.s_w] : acc_t(1)) : acc_t(0);

@@ -21,7 +21,7 @@ void run(int64_t N, const void* pc, const void* pr, const void* rc, const void* 
   p.pc = in(pc), p.pr = in(pr), p.rc = in(rc), p.rr = in(rr);
   p.s_pc = p.s_pr = p.s_rc = p.s_rr = 1;
   p.beta = in(beta), p.s_beta = 1, p.beta_scalar = static_cast<T>(beta_scalar);
-  p.alpha_d = in(alpha_d), p.s_ad = 1, p.use_d = alpha_d != nullptr;
+  p.alpha_d = in(alpha_d), p.s_ad = 1;
   p.weights = in(weights), p.s_w = 1;
   p.g = g, p.g_out = g_out, p.step = step, p.step_scalar = step_scalar, p.seed = seed, p.N = N, p.K = K;
   p.gamma = static_cast<T>(gamma), p.rho = static_cast<T>(rho), p.eps = static_cast<T>(eps);
