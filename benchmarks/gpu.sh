@@ -3,9 +3,12 @@
 # build mmalign._C in place against that torch, run the whole test suite (GPU tests included) and the
 # benchmarks, and leave one report folder to commit under benchmarks/results/.
 #
-#   benchmarks/gpu.sh [OUT_DIR] [--quick] [--tests-only | --bench-only] [--ops=SUITE,SUITE]
+#   benchmarks/gpu.sh [OUT_DIR] [--quick] [--tests-only | --bench-only] [--ops=SUITE,SUITE] [--wheels=DIR]
 #
-# Nothing is downloaded; missing optional packages skip their tests and benchmarks. Exit code: that of the
+# Nothing is downloaded; missing optional packages skip their tests and benchmarks. Pure-Python packages
+# the machine lacks (DeepSpeed, TRL, datasets, open_clip, Liger) can come along as wheels: make them with
+# benchmarks/gpu_wheels.sh where pip works, carry the folder (.whl/ by default), and this script installs
+# them into a private folder on PYTHONPATH (--wheels=DIR; .whl/ is used when it exists). Exit code: that of the
 # tests (or of the benchmarks with --bench-only). The whole run can take longer than one 10-minute device
 # call: run --tests-only and --bench-only as two calls into the same OUT_DIR, and split the benchmarks
 # with --ops (each set of suites gets its own OUT_DIR/bench-<suites> folder), e.g.
@@ -19,9 +22,12 @@ OUT=""
 TESTS=1
 BENCH=1
 OPS=""
+WHEELS=""
+[ -d .whl ] && WHEELS=.whl
 for a in "$@"; do
   case "$a" in
     --quick) QUICK="--quick" ;; --tests-only) BENCH=0 ;; --bench-only) TESTS=0 ;; --ops=*) OPS="${a#--ops=}" ;;
+    --wheels=*) WHEELS="${a#--wheels=}" ;;
     *) OUT="$a" ;;
   esac
 done
@@ -36,6 +42,18 @@ commit=${MMALIGN_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}
   echo "commit: $commit"
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null || true
 } > "$OUT/meta.txt"
+
+if [ -n "$WHEELS" ]; then
+  site="${TMPDIR:-/tmp}/mmalign-wheels"
+  echo "== installing the wheels of $WHEELS into $site"
+  if ! $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" "$WHEELS"/*.whl; then
+    echo "installing the wheels of $WHEELS failed"; exit 1
+  fi
+  export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
+  for m in deepspeed trl datasets open_clip liger_kernel; do
+    $PY -c "import $m" > /dev/null 2>&1 && echo "  $m: importable" || echo "  $m: NOT importable ($($PY -c "import $m" 2>&1 | tail -1))"
+  done
+fi
 
 # only this GPU's architecture (about half the build time of the default sm_80 + sm_90)
 cap=$($PY -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())" 2>/dev/null || true)

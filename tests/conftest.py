@@ -15,6 +15,36 @@ import pytest  # noqa: E402
 import mmalign  # noqa: E402,F401
 
 
+def _interpreter_problem() -> str | None:
+    """Why Triton's interpreter cannot run our kernels here, or None. Triton 3.6's interpreter turns a
+    loaded loop bound into a Python int with int() of a 1-element array, which numpy >= 2.4 refuses:
+    every kernel with a data-dependent loop would fail with a TypeError deep inside Triton."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return None
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def probe(X, N):
+        for i in range(0, tl.load(N), 1):
+            tl.store(X + i, 1.0)
+
+    try:
+        probe[(1,)](torch.zeros(2), torch.full((1,), 2, dtype=torch.int32))
+    except Exception as e:  # noqa: BLE001 (any failure means the interpreter is unusable)
+        import numpy
+
+        return (f"the Triton interpreter (triton {triton.__version__}, numpy {numpy.__version__}) cannot run a "
+                f"kernel with a loaded loop bound: {e!r}. With triton < 3.8 use numpy < 2.4, or install "
+                "the torch/triton of requirements.txt")
+    return None
+
+
+_PROBLEM = _interpreter_problem()
+if _PROBLEM:
+    pytest.exit(_PROBLEM, returncode=4)
+
+
 @pytest.fixture
 def rng(request):
     """A generator seeded from the test's name: fresh inputs in every test, reproducible across runs."""

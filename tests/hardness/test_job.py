@@ -174,7 +174,7 @@ def test_two_processes_equal_one(setup, tmp_path):
     cmd = [sys.executable, "-m", "mmalign", "hardness", str(root / "in.jsonl"), "--out", str(out), "--images",
            str(root / "images"), "--clip-model", clip, "--clip-pretrained", "none", "--batch-size", "3",
            "--no-progress"]
-    env = dict(os.environ, PYTHONPATH=str(REPO))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
     procs = [subprocess.Popen(cmd + ["--shard", f"{i}/2"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True) for i in range(2)]
     outputs = [p.communicate(timeout=300) for p in procs]
