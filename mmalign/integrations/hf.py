@@ -14,6 +14,9 @@ the same protocol as TRL's own fused head, so TRL trainers consume it as is.
     undo()                                # the original forward is back
 
 Only the model instance is patched (an instance attribute), never a class or ``torch.nn.functional``.
+The fused path calls the backbone itself: a wrapper already installed on the instance's forward (such as
+accelerate's autocast wrapper under mixed precision) does not apply to it, so patch before wrapping, or
+call the model under the same ``torch.autocast`` (as ``DAMODPOTrainer`` does).
 """
 from __future__ import annotations
 

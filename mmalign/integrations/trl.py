@@ -41,7 +41,12 @@ class DAMODPOTrainer(DPOTrainer):
         kwargs = {k: v for k, v in inputs.items() if k not in _NOT_MODEL}
         kwargs["use_cache"] = False
         labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)
-        return model(**kwargs, labels=labels, fused_lm_head=True).logps.chunk(2)  # batch is [chosen; rejected]
+        # Under mixed precision, accelerate wraps a model's forward in autocast. The reference was wrapped
+        # before patch_sequence_logps replaced its forward, so its fused path would run outside that
+        # wrapper (fp32 while the policy runs in bf16: nonzero log-ratios for identical weights). Run both
+        # under the accelerator's autocast.
+        with self.accelerator.autocast():
+            return model(**kwargs, labels=labels, fused_lm_head=True).logps.chunk(2)  # batch is [chosen; rejected]
 
     def _compute_loss(self, model, inputs, return_outputs):
         mode = "train" if self.model.training else "eval"

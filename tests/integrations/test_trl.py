@@ -1,5 +1,7 @@
 """DAMODPOTrainer inside TRL's DPOTrainer on a tiny Llama on CPU: with the dpo preset it reproduces TRL's
 own sigmoid DPO losses step by step; with the damo preset it trains and logs the DAMO statistics."""
+import math
+
 import pytest
 import torch
 
@@ -26,10 +28,10 @@ def _setup(tmp_path):
         torch.manual_seed(0)
         return LlamaForCausalLM(cfg)
 
-    def args(name):
-        return DPOConfig(output_dir=str(tmp_path / name), per_device_train_batch_size=4, max_steps=3,
-                         learning_rate=1e-3, beta=0.1, logging_steps=1, report_to=[], use_cpu=True, save_strategy="no",
-                         seed=0, max_length=64)
+    def args(name, **kw):
+        kw = {"learning_rate": 1e-3, "max_steps": 3, **kw}
+        return DPOConfig(output_dir=str(tmp_path / name), per_device_train_batch_size=4, beta=0.1, logging_steps=1,
+                         report_to=[], use_cpu=True, save_strategy="no", seed=0, max_length=64, **kw)
 
     return tok, ds, model, args
 
@@ -45,11 +47,29 @@ def test_dpo_preset_matches_trl(tmp_path):
     from mmalign.integrations.trl import DAMODPOTrainer
 
     tok, ds, model, args = _setup(tmp_path)
-    ours = DAMODPOTrainer(model=model(), ref_model=model(), args=args("ours"), train_dataset=ds, processing_class=tok,
-                          damo_loss=DAMOLoss(beta=0.1, preset="dpo"))
-    theirs = DPOTrainer(model=model(), ref_model=model(), args=args("theirs"), train_dataset=ds, processing_class=tok)
+    # fp32 and SGD: two correct implementations then agree to float32 rounding at every step (bf16 rounds
+    # the two heads differently, and Adam's m / sqrt(v) turns rounding in near-zero gradients into
+    # lr-sized steps)
+    fp32_sgd = {"bf16": False, "optim": "sgd", "learning_rate": 2.0}
+    ours = DAMODPOTrainer(model=model(), ref_model=model(), args=args("ours", **fp32_sgd), train_dataset=ds,
+                          processing_class=tok, damo_loss=DAMOLoss(beta=0.1, preset="dpo"))
+    theirs = DPOTrainer(model=model(), ref_model=model(), args=args("theirs", **fp32_sgd), train_dataset=ds,
+                        processing_class=tok)
     a, b = _losses(ours), _losses(theirs)
-    assert len(a) == 3 and a == pytest.approx(b, rel=1e-4)
+    assert len(a) == 3 and a[0] == pytest.approx(math.log(2), abs=1e-7)  # policy == reference at step 0
+    assert abs(a[2] - a[0]) > 1e-2  # the steps move the loss: later steps compare real updates
+    assert a == pytest.approx(b, rel=1e-5)
+
+
+def test_reference_runs_in_the_policys_precision(tmp_path):
+    """Under bf16 mixed precision accelerate wraps the models' forwards in autocast; the reference's fused
+    log-probs must run under it too, or identical weights give nonzero log-ratios at the first step."""
+    from mmalign.integrations.trl import DAMODPOTrainer
+
+    tok, ds, model, args = _setup(tmp_path)
+    ours = DAMODPOTrainer(model=model(), ref_model=model(), args=args("ours", bf16=True, max_steps=1),
+                          train_dataset=ds, processing_class=tok, damo_loss=DAMOLoss(beta=0.1, preset="dpo"))
+    assert _losses(ours)[0] == pytest.approx(math.log(2), abs=1e-7)
 
 
 def test_damo_preset_trains_and_logs(tmp_path):
