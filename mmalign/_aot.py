@@ -45,7 +45,8 @@ def compile_only(cc: int):
     from triton.runtime import driver
     from triton.runtime.jit import JITFunction
 
-    run, previous = JITFunction.run, driver._active
+    run = JITFunction.run
+    previous = driver._active if hasattr(driver, "_active") else driver.active  # triton < 3.3: .active
 
     def warm(self, *args, grid, warmup, **kwargs):
         return run(self, *args, grid=grid, warmup=True, **kwargs)
