@@ -51,7 +51,7 @@ if [ -n "$WHEELS" ]; then
   fi
   export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
   for m in deepspeed trl datasets open_clip liger_kernel; do
-    $PY -c "import $m" > /dev/null 2>&1 && echo "  $m: importable" || echo "  $m: NOT importable ($($PY -c "import $m" 2>&1 | tail -1))"
+    if err=$($PY -c "import $m" 2>&1); then echo "  $m: importable"; else echo "  $m: NOT importable ($(tail -1 <<< "$err"))"; fi
   done
 fi
 

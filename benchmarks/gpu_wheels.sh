@@ -6,7 +6,7 @@
 # benchmarks/gpu.sh installs them from there (--wheels=DIR, or .whl/ when it exists) into a private
 # folder on PYTHONPATH; the image's own packages are not touched.
 #
-#   benchmarks/gpu_wheels.sh [DIR]        # then carry DIR with the run (about 15 MB)
+#   benchmarks/gpu_wheels.sh [DIR]        # then carry DIR with the run (about 10 MB)
 #
 # The versions are the ones the CPU suite passes with against torch 2.11 / transformers 5.17 (the image's).
 # The GPU image already holds their other needs (accelerate, pyarrow, pandas, fsspec, xxhash, msgpack,
