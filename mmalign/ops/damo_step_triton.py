@@ -15,10 +15,14 @@ that needs them (no float atomics): the same inputs give the same bits on every 
 """
 from __future__ import annotations
 
+import functools
+import math
+
+import numpy as np
 import torch
 
 from .._triton import tl, triton
-from .damo_step import DAMOConfig, StepInputs, StepOutputs, kernel_args
+from .damo_step import DAMOConfig, KernelArgs, StepInputs, StepOutputs, kernel_args
 
 # One program holds and sorts the whole batch: 8192 pairs fit (a DAMO batch is 16 to a few thousand
 # pairs). Larger batches take the multi-program path, MP_BLOCK pairs per program.
@@ -61,7 +65,16 @@ def _not_finite(x):
 
 
 @triton.jit
-def _pairs(PC, PR, RC, RR, BETA, offs, m, beta_scalar, stride_beta, HAS_BETA_T: tl.constexpr,
+def _scalar(hi, lo, ACC_FP64: tl.constexpr):
+    """A float argument, passed as the exact float32 pair of split_float: on the GPU Triton passes Python
+    floats as float32, which would round beta, gamma, ... inside the float64 kernels (the interpreter
+    keeps them as Python floats and cannot show it)."""
+    acc = tl.float64 if ACC_FP64 else tl.float32
+    return tl.cast(hi, acc) + tl.cast(lo, acc)
+
+
+@triton.jit
+def _pairs(PC, PR, RC, RR, BETA, offs, m, beta_hi, beta_lo, stride_beta, HAS_BETA_T: tl.constexpr,
            ACC_FP64: tl.constexpr):
     """(logr_w, logr_l, beta) of the pairs at ``offs``, in the accumulation dtype."""
     acc = tl.float64 if ACC_FP64 else tl.float32
@@ -70,7 +83,7 @@ def _pairs(PC, PR, RC, RR, BETA, offs, m, beta_scalar, stride_beta, HAS_BETA_T: 
     if HAS_BETA_T:
         beta = tl.load(BETA + offs * stride_beta, mask=m, other=1.0).to(acc)
     else:
-        beta = tl.zeros_like(logr_w) + beta_scalar
+        beta = tl.zeros_like(logr_w) + _scalar(beta_hi, beta_lo, ACC_FP64)
     return logr_w, logr_l, beta
 
 
@@ -206,14 +219,17 @@ def _store_pairs(LOSSES, BETA_OUT, RW, RL, MARGINS, ACCURACIES, DL_DU, offs, m, 
 def _damo_step_kernel(
         PC, PR, RC, RR, BETA, ALPHA_D, WEIGHTS, G, STEP,
         LOSS, LOSSES, KEEP, BETA_OUT, RW, RL, MARGINS, ACCURACIES, GRAD_U, DL_DU, G_OUT, ALPHA_M_OUT,
-        N, K, beta_scalar, stride_beta, gamma, rho, eps, min_beta, seed, step_scalar,
+        N, K, beta_hi, beta_lo, stride_beta, gamma_hi, gamma_lo, rho_hi, rho_lo, eps_hi, eps_lo, min_beta_hi,
+        min_beta_lo, seed, step_scalar,
         PAPER: tl.constexpr, SELECT: tl.constexpr, LOSS_KIND: tl.constexpr, USE_M: tl.constexpr,
         USE_D: tl.constexpr, COMBINE_SUM: tl.constexpr, HAS_BETA_T: tl.constexpr, HAS_W: tl.constexpr,
         STEP_IS_T: tl.constexpr, INCR_STEP: tl.constexpr, ACC_FP64: tl.constexpr, BLOCK_N: tl.constexpr):
     acc = tl.float64 if ACC_FP64 else tl.float32
     offs = tl.arange(0, BLOCK_N)
     m = offs < N
-    logr_w, logr_l, beta = _pairs(PC, PR, RC, RR, BETA, offs, m, beta_scalar, stride_beta, HAS_BETA_T, ACC_FP64)
+    logr_w, logr_l, beta = _pairs(PC, PR, RC, RR, BETA, offs, m, beta_hi, beta_lo, stride_beta, HAS_BETA_T, ACC_FP64)
+    gamma, rho = _scalar(gamma_hi, gamma_lo, ACC_FP64), _scalar(rho_hi, rho_lo, ACC_FP64)
+    eps, min_beta = _scalar(eps_hi, eps_lo, ACC_FP64), _scalar(min_beta_hi, min_beta_lo, ACC_FP64)
     u = logr_w - logr_l
     g = tl.load(G).to(acc)
     A = _model_aware(u, beta, g, PAPER)
@@ -284,25 +300,25 @@ def _mp_bad(PART, g, P, P_BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _mp_block(PC, PR, RC, RR, BETA, G, N, beta_scalar, stride_beta, HAS_BETA_T: tl.constexpr, ACC_FP64: tl.constexpr,
+def _mp_block(PC, PR, RC, RR, BETA, G, N, beta_hi, beta_lo, stride_beta, HAS_BETA_T: tl.constexpr, ACC_FP64: tl.constexpr,
               BLOCK_N: tl.constexpr):
     """This program's pairs: (pid, offs, mask, logr_w, logr_l, beta, g)."""
     pid = tl.program_id(0)
     offs = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     m = offs < N
-    logr_w, logr_l, beta = _pairs(PC, PR, RC, RR, BETA, offs, m, beta_scalar, stride_beta, HAS_BETA_T, ACC_FP64)
+    logr_w, logr_l, beta = _pairs(PC, PR, RC, RR, BETA, offs, m, beta_hi, beta_lo, stride_beta, HAS_BETA_T, ACC_FP64)
     return pid, offs, m, logr_w, logr_l, beta, tl.load(G).to(logr_w.dtype)
 
 
 @triton.jit
-def _mp_keys_kernel(PC, PR, RC, RR, BETA, G, STEP, PART, COMP, N, P, beta_scalar, stride_beta, seed, step_scalar,
+def _mp_keys_kernel(PC, PR, RC, RR, BETA, G, STEP, PART, COMP, N, P, beta_hi, beta_lo, stride_beta, seed, step_scalar,
                     PAPER: tl.constexpr, SELECT: tl.constexpr, HAS_BETA_T: tl.constexpr, STEP_IS_T: tl.constexpr,
                     ACC_FP64: tl.constexpr, STATS: tl.constexpr, KEYS: tl.constexpr, BLOCK_N: tl.constexpr,
                     P_BLOCK: tl.constexpr):
     """STATS: this program's sum of A, count of non-finite A, max key (sampled selection). KEYS: the packed
     ranking keys (the sampled selection reads the max key of a previous STATS launch)."""
     acc = tl.float64 if ACC_FP64 else tl.float32
-    pid, offs, m, logr_w, logr_l, beta, g = _mp_block(PC, PR, RC, RR, BETA, G, N, beta_scalar, stride_beta,
+    pid, offs, m, logr_w, logr_l, beta, g = _mp_block(PC, PR, RC, RR, BETA, G, N, beta_hi, beta_lo, stride_beta,
                                                       HAS_BETA_T, ACC_FP64, BLOCK_N)
     A = _model_aware(logr_w - logr_l, beta, g, PAPER)
     if STATS:
@@ -321,12 +337,12 @@ def _mp_keys_kernel(PC, PR, RC, RR, BETA, G, STEP, PART, COMP, N, P, beta_scalar
 
 
 @triton.jit
-def _mp_select_kernel(PC, PR, RC, RR, BETA, G, PART, COMP, THR, KEEP, N, P, beta_scalar, stride_beta,
+def _mp_select_kernel(PC, PR, RC, RR, BETA, G, PART, COMP, THR, KEEP, N, P, beta_hi, beta_lo, stride_beta,
                       PAPER: tl.constexpr, SELECT: tl.constexpr, HAS_BETA_T: tl.constexpr, ACC_FP64: tl.constexpr,
                       BLOCK_N: tl.constexpr, P_BLOCK: tl.constexpr):
     """The kept set (keys >= the K-th largest) and this program's sum of the kept terms of alpha_M."""
     acc = tl.float64 if ACC_FP64 else tl.float32
-    pid, offs, m, logr_w, logr_l, beta, g = _mp_block(PC, PR, RC, RR, BETA, G, N, beta_scalar, stride_beta,
+    pid, offs, m, logr_w, logr_l, beta, g = _mp_block(PC, PR, RC, RR, BETA, G, N, beta_hi, beta_lo, stride_beta,
                                                       HAS_BETA_T, ACC_FP64, BLOCK_N)
     A = _model_aware(logr_w - logr_l, beta, g, PAPER)
     if SELECT == 0:
@@ -341,21 +357,22 @@ def _mp_select_kernel(PC, PR, RC, RR, BETA, G, PART, COMP, THR, KEEP, N, P, beta
 @triton.jit
 def _mp_loss_kernel(PC, PR, RC, RR, BETA, ALPHA_D, WEIGHTS, G, PART, KEEP,
                     LOSSES, BETA_OUT, RW, RL, MARGINS, ACCURACIES, GRAD_U, DL_DU,
-                    N, P, K, beta_scalar, stride_beta, rho, eps, min_beta,
+                    N, P, K, beta_hi, beta_lo, stride_beta, rho_hi, rho_lo, eps_hi, eps_lo, min_beta_hi, min_beta_lo,
                     PAPER: tl.constexpr, LOSS_KIND: tl.constexpr, USE_M: tl.constexpr, USE_D: tl.constexpr,
                     COMBINE_SUM: tl.constexpr, HAS_BETA_T: tl.constexpr, HAS_W: tl.constexpr,
                     ACC_FP64: tl.constexpr, BLOCK_N: tl.constexpr, P_BLOCK: tl.constexpr):
     """Per-pair outputs; GRAD_U gets w_i dl_i/du_i (backward scales it by 1 / sum w)."""
     acc = tl.float64 if ACC_FP64 else tl.float32
-    pid, offs, m, logr_w, logr_l, beta, g = _mp_block(PC, PR, RC, RR, BETA, G, N, beta_scalar, stride_beta,
+    pid, offs, m, logr_w, logr_l, beta, g = _mp_block(PC, PR, RC, RR, BETA, G, N, beta_hi, beta_lo, stride_beta,
                                                       HAS_BETA_T, ACC_FP64, BLOCK_N)
     u = logr_w - logr_l
     if USE_M:
         alpha_m = _alpha_m(_partials(PART, 3, P, P_BLOCK, False), K, g, PAPER)
     else:
         alpha_m = tl.full((), 1.0, acc)
-    beta_i = _pair_beta(beta, alpha_m, ALPHA_D, offs, m, rho, min_beta, USE_D, COMBINE_SUM)
-    losses, dl_du = _pair_loss(u, beta_i, eps, LOSS_KIND)
+    beta_i = _pair_beta(beta, alpha_m, ALPHA_D, offs, m, _scalar(rho_hi, rho_lo, ACC_FP64),
+                        _scalar(min_beta_hi, min_beta_lo, ACC_FP64), USE_D, COMBINE_SUM)
+    losses, dl_du = _pair_loss(u, beta_i, _scalar(eps_hi, eps_lo, ACC_FP64), LOSS_KIND)
     wt = tl.load(KEEP + offs, mask=m, other=0).to(acc)
     if HAS_W:
         wt = wt * tl.load(WEIGHTS + offs, mask=m, other=0.0).to(acc)
@@ -369,7 +386,7 @@ def _mp_loss_kernel(PC, PR, RC, RR, BETA, ALPHA_D, WEIGHTS, G, PART, KEEP,
 
 
 @triton.jit
-def _mp_finish_kernel(G, STEP, PART, LOSS, INV_DENOM, G_OUT, ALPHA_M_OUT, N, P, K, gamma,
+def _mp_finish_kernel(G, STEP, PART, LOSS, INV_DENOM, G_OUT, ALPHA_M_OUT, N, P, K, gamma_hi, gamma_lo,
                       PAPER: tl.constexpr, USE_M: tl.constexpr, INCR_STEP: tl.constexpr, ACC_FP64: tl.constexpr,
                       P_BLOCK: tl.constexpr):
     """One program: the loss, 1 / sum w, alpha_M, the running mean and the step counter."""
@@ -381,7 +398,8 @@ def _mp_finish_kernel(G, STEP, PART, LOSS, INV_DENOM, G_OUT, ALPHA_M_OUT, N, P, 
         alpha_m = _alpha_m(s, K, g, PAPER)
     else:
         alpha_m = tl.full((), 1.0, acc)
-    g_new = _running_mean(g, gamma, s, _partials(PART, 0, P, P_BLOCK, False), K, N, PAPER)
+    g_new = _running_mean(g, _scalar(gamma_hi, gamma_lo, ACC_FP64), s, _partials(PART, 0, P, P_BLOCK, False), K, N,
+                          PAPER)
     denom = _partials(PART, 4, P, P_BLOCK, False)
     loss = _partials(PART, 5, P, P_BLOCK, False) / denom
     tl.store(LOSS, tl.where(bad, float("nan"), loss))
@@ -445,13 +463,26 @@ def _outputs(n: int, dt, dev):
     return out, vec(), vec()
 
 
+def split_float(x: float) -> tuple[float, float]:
+    """(hi, lo), both exactly float32, with hi + lo = x to about 2^-48 relative (see _scalar)."""
+    hi = float(np.float32(x))
+    return (hi, float(np.float32(x - hi))) if math.isfinite(hi) else (hi, 0.0)
+
+
+@functools.lru_cache(maxsize=1024)
+def _config_floats(k: KernelArgs) -> dict:
+    """gamma, rho, eps and min_beta as the kernels take them (split_float pairs)."""
+    return {f"{name}_{part}": v for name in ("gamma", "rho", "eps", "min_beta")
+            for part, v in zip(("hi", "lo"), split_float(getattr(k, name)))}
+
+
 def _common(x: StepInputs):
     """Kernel arguments every forward kernel shares: (beta tensor or dummy, step tensor or dummy, beta
-    scalar, beta stride, step scalar, HAS_BETA_T, STEP_IS_T, ACC_FP64)."""
+    scalar as a split_float pair, beta stride, step scalar, HAS_BETA_T, STEP_IS_T, ACC_FP64)."""
     beta_t = x.beta if isinstance(x.beta, torch.Tensor) else None
     step_t = x.step if isinstance(x.step, torch.Tensor) else None
     return (beta_t if beta_t is not None else x.pc, step_t if step_t is not None else x.pc,
-            0.0 if beta_t is not None else float(x.beta),
+            (0.0, 0.0) if beta_t is not None else split_float(float(x.beta)),
             (beta_t.stride(0) if beta_t.dim() else 0) if beta_t is not None else 0,
             0 if step_t is not None else int(x.step), beta_t is not None, step_t is not None,
             x.pc.dtype == torch.float64)
@@ -471,8 +502,7 @@ def _fused_fwd(x: StepInputs, cfg: DAMOConfig):
         x.weights if x.weights is not None else x.pc, x.g, step_t,
         out.loss, out.losses, out.keep, out.beta, out.chosen_rewards, out.rejected_rewards, out.margins,
         out.accuracies, grad_u, dl_du, x.g_out, out.alpha_m,
-        N, k.K, beta_s, stride_beta, k.gamma, k.rho, k.eps, k.min_beta, int(x.seed), step_s,
-        PAPER=k.paper, SELECT=k.select, LOSS_KIND=k.loss_kind, USE_M=k.use_m,
+        N, k.K, *beta_s, stride_beta, seed=int(x.seed), step_scalar=step_s, **_config_floats(k), PAPER=k.paper, SELECT=k.select, LOSS_KIND=k.loss_kind, USE_M=k.use_m,
         USE_D=cfg.use_alpha_d and x.alpha_d is not None, COMBINE_SUM=k.combine_sum,
         HAS_BETA_T=has_beta_t, HAS_W=x.weights is not None, STEP_IS_T=step_is_t,
         INCR_STEP=x.incr_step and step_is_t, ACC_FP64=fp64, **_one_program(N))
@@ -490,7 +520,7 @@ def _multi_program_fwd(x: StepInputs, cfg: DAMOConfig):
     comp = torch.empty(N if k.select else 1, dtype=torch.int64, device=dev)
     inputs = (x.pc, x.pr, x.rc, x.rr, beta_t)
     keys = lambda stats, write: _mp_keys_kernel[(P,)](  # noqa: E731
-        *inputs, x.g, step_t, part, comp, N, P, beta_s, stride_beta, int(x.seed), step_s, PAPER=k.paper,
+        *inputs, x.g, step_t, part, comp, N, P, *beta_s, stride_beta, int(x.seed), step_s, PAPER=k.paper,
         SELECT=k.select, HAS_BETA_T=has_beta_t, STEP_IS_T=step_is_t, ACC_FP64=fp64, STATS=stats, KEYS=write,
         **blocks)
     sampled = k.select == 2  # its keys need the batch-wide max of log w first
@@ -498,16 +528,16 @@ def _multi_program_fwd(x: StepInputs, cfg: DAMOConfig):
     if sampled:
         keys(False, True)
     thr = torch.topk(comp, k.K, sorted=False).values.min() if k.select else comp
-    _mp_select_kernel[(P,)](*inputs, x.g, part, comp, thr, out.keep, N, P, beta_s, stride_beta, PAPER=k.paper,
+    _mp_select_kernel[(P,)](*inputs, x.g, part, comp, thr, out.keep, N, P, *beta_s, stride_beta, PAPER=k.paper,
                             SELECT=k.select, HAS_BETA_T=has_beta_t, ACC_FP64=fp64, **blocks)
     _mp_loss_kernel[(P,)](
         *inputs, x.alpha_d if x.alpha_d is not None else x.pc, x.weights if x.weights is not None else x.pc, x.g,
         part, out.keep, out.losses, out.beta, out.chosen_rewards, out.rejected_rewards, out.margins,
-        out.accuracies, grad_u, dl_du, N, P, k.K, beta_s, stride_beta, k.rho, k.eps, k.min_beta,
-        PAPER=k.paper, LOSS_KIND=k.loss_kind, USE_M=k.use_m, USE_D=cfg.use_alpha_d and x.alpha_d is not None,
+        out.accuracies, grad_u, dl_du, N, P, k.K, *beta_s, stride_beta, *split_float(k.rho), *split_float(k.eps),
+        *split_float(k.min_beta), PAPER=k.paper, LOSS_KIND=k.loss_kind, USE_M=k.use_m, USE_D=cfg.use_alpha_d and x.alpha_d is not None,
         COMBINE_SUM=k.combine_sum, HAS_BETA_T=has_beta_t, HAS_W=x.weights is not None, ACC_FP64=fp64, **blocks)
     inv_denom = torch.empty((), dtype=dt, device=dev)
-    _mp_finish_kernel[(1,)](x.g, step_t, part, out.loss, inv_denom, x.g_out, out.alpha_m, N, P, k.K, k.gamma,
+    _mp_finish_kernel[(1,)](x.g, step_t, part, out.loss, inv_denom, x.g_out, out.alpha_m, N, P, k.K, *split_float(k.gamma),
                             PAPER=k.paper, USE_M=k.use_m, INCR_STEP=x.incr_step and step_is_t, ACC_FP64=fp64,
                             P_BLOCK=blocks["P_BLOCK"])
     return _finish_outputs(out), grad_u, dl_du, inv_denom
