@@ -67,8 +67,13 @@ $PY -m mmalign env | tee "$OUT/env.txt"
 
 rc=0
 if [ "$TESTS" = 1 ]; then
-  echo "== tests (log: $OUT/tests.txt)"
-  $PY -m pytest tests -v -p no:cacheprovider 2>&1 | tee "$OUT/tests.txt" | tail -15
+  # Run serially the suite outlasts a 10-minute device call (each Triton specialization compiles on first
+  # use): spread it over workers with pytest-xdist, and bound each test with pytest-timeout, when present.
+  par=()
+  $PY -c "import xdist" 2> /dev/null && par+=(-n "${MMALIGN_TEST_WORKERS:-8}")
+  $PY -c "import pytest_timeout" 2> /dev/null && par+=("--timeout=${MMALIGN_TEST_TIMEOUT:-300}")
+  echo "== tests ${par[*]} (log: $OUT/tests.txt)"
+  $PY -m pytest tests -v -rfE -p no:cacheprovider "${par[@]}" 2>&1 | tee "$OUT/tests.txt" | tail -25
   rc=${PIPESTATUS[0]}
 fi
 if [ "$BENCH" = 1 ]; then

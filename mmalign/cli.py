@@ -27,7 +27,7 @@ def _demo(args) -> int:
     def start():
         return demo.run(args.workdir, pairs=args.pairs, steps=args.steps, model=args.model, clip_model=args.clip_model,
                         clip_pretrained=args.clip_pretrained, similarity_model=args.similarity_model, lr=args.lr,
-                        seed=args.seed, progress=not args.no_progress)
+                        seed=args.seed, device=args.device, progress=not args.no_progress)
 
     return _run("demo", start)
 
@@ -172,7 +172,7 @@ def _train(args) -> int:
     flags = {k: getattr(args, k) for k in ("model", "data", "images", "output_dir", "deepspeed", "zero_stage", "loss",
                                            "beta", "lr", "epochs", "max_steps", "micro_batch_size", "grad_accum",
                                            "max_length", "reference", "seed", "save_every", "prompt_template",
-                                           "averaged_gamma", "mixed_p", "similarity_model")}
+                                           "averaged_gamma", "mixed_p", "similarity_model", "device")}
     if args.online_bdhs:
         flags["online_bdhs"] = {"mode": args.online_bdhs}
     flags.update({k: True for k in ("bf16", "gradient_checkpointing", "offload_optimizer") if getattr(args, k)})
@@ -204,6 +204,8 @@ def _add_train(sub) -> None:
     t.add_argument("--output-dir")
     t.add_argument("--deepspeed", help="a DeepSpeed JSON config, used as is ('auto' values filled)")
     t.add_argument("--zero-stage", type=int, choices=(0, 1, 2, 3))
+    t.add_argument("--device", help="cpu, cuda (this process's GPU, cuda:LOCAL_RANK) or cuda:N "
+                                    "(default: the GPU when there is one)")
     t.add_argument("--bf16", action="store_true")
     t.add_argument("--offload-optimizer", action="store_true")
     t.add_argument("--gradient-checkpointing", action="store_true")
@@ -269,6 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--clip-pretrained")
     d.add_argument("--similarity-model", help="sentence-transformers model for BDHS (default: a tiny random one)")
     d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--device", help="cpu, cuda or cuda:N for every stage (default: the GPU when there is one)")
     d.add_argument("--no-progress", action="store_true")
     d.set_defaults(fn=_demo)
     _add_hardness(sub)

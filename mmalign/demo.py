@@ -53,7 +53,8 @@ def _models(work: Path, model: str | None, clip_model: str | None, similarity_mo
 
 def run(workdir: str = "mmalign-demo", *, pairs: int = 48, steps: int = 120, model: str | None = None,
         clip_model: str | None = None, clip_pretrained: str | None = None, similarity_model: str | None = None,
-        lr: float = 3e-4, micro_batch_size: int = 8, seed: int = 0, progress: bool = True) -> DemoResult:
+        lr: float = 3e-4, micro_batch_size: int = 8, seed: int = 0, device: str | None = None,
+        progress: bool = True) -> DemoResult:
     from . import hardness
     from .bdhs import BDHSConfig
     from .bdhs import job as bdhs_job
@@ -71,12 +72,13 @@ def run(workdir: str = "mmalign-demo", *, pairs: int = 48, steps: int = 120, mod
     clip_pretrained = clip_pretrained if clip_pretrained is not None else default_pretrained
 
     hard = hardness.run(work / "pairs.jsonl", work / "pairs.hardness.jsonl", images=str(work / "images"),
-                        clip_model=clip_model, clip_pretrained=clip_pretrained, progress=progress, seed=seed)
+                        clip_model=clip_model, clip_pretrained=clip_pretrained, progress=progress, seed=seed,
+                        device=device)
     bdhs = bdhs_job.run(work / "pairs.hardness.jsonl", work / "pairs.bdhs.jsonl", model=model,
                         images=str(work / "images"), similarity_model=similarity_model, progress=progress,
-                        engine=BDHSConfig(max_new_tokens=8, tries=3, seed=seed))
+                        device=device, engine=BDHSConfig(max_new_tokens=8, tries=3, seed=seed))
     base = dict(model=model, images=str(work / "images"), micro_batch_size=micro_batch_size, lr=lr, seed=seed,
-                max_steps=steps, epochs=10**6, progress=progress, reference="precomputed", beta=0.1)
+                max_steps=steps, epochs=10**6, progress=progress, reference="precomputed", beta=0.1, device=device)
     precompute_reference(TrainConfig(data=str(work / "pairs.hardness.jsonl"), **base), str(work / "pairs.ref.jsonl"))
 
     history = {}

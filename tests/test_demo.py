@@ -1,7 +1,14 @@
 """`mmalign demo` end to end in a reduced size: every stage runs and leaves its files."""
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
 
 pytest.importorskip("deepspeed")
 pytest.importorskip("open_clip")
@@ -13,7 +20,8 @@ def test_demo_runs_the_whole_pipeline(tmp_path, capsys):
 
     # the DeepSpeed process group (gloo, world 1) stays for the session: DeepSpeed caches its groups, and
     # the trainer tests reuse it
-    assert main(["demo", "--workdir", str(tmp_path / "demo"), "--pairs", "8", "--steps", "3", "--no-progress"]) == 0
+    assert main(["demo", "--workdir", str(tmp_path / "demo"), "--pairs", "8", "--steps", "3", "--no-progress",
+                 "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     assert "pairs: 8 read, 8 scored" in out and "pairs: 8 read, 8 rejected responses generated" in out
     assert "| dpo | 3 |" in out and "| damo | 3 |" in out
@@ -24,3 +32,15 @@ def test_demo_runs_the_whole_pipeline(tmp_path, capsys):
         assert (work / name).stat().st_size > 0
     rows = [json.loads(x) for x in open(work / "pairs.ref.jsonl")]
     assert {"alpha_d", "ref_chosen_logp", "difficulty"} <= set(rows[0])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_demo_on_the_gpu(tmp_path):
+    """Every stage on the GPU (the trainer with NCCL), in its own process: this session's process group is
+    gloo (the CPU tests)."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    run = subprocess.run([sys.executable, "-m", "mmalign", "demo", "--workdir", str(tmp_path / "demo"), "--pairs", "8",
+                          "--steps", "3", "--no-progress", "--device", "cuda"], env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, run.stderr[-4000:]
+    assert "| dpo | 3 |" in run.stdout and "| damo | 3 |" in run.stdout

@@ -20,6 +20,7 @@ import dataclasses
 import json
 import os
 import random
+import socket
 import sys
 import time
 from dataclasses import dataclass, field
@@ -46,6 +47,7 @@ class TrainConfig:
     deepspeed: str | dict | None = None  # a DeepSpeed JSON (path or dict), taken as is; "auto" values filled
     zero_stage: int = 0                 # used when no DeepSpeed config is given
     bf16: bool = False
+    device: str | None = None           # "cpu", "cuda" (= cuda:LOCAL_RANK) or "cuda:N"; None: the GPU when there is one
     offload_optimizer: bool = False
     loss: str = "dpo"
     beta: float = 0.1
@@ -92,6 +94,13 @@ class TrainConfig:
             raise ValueError(f"mixed_p: expected a probability in [0, 1], got {self.mixed_p}")
         if self.mixed_p is not None and self.reference != "model":
             raise ValueError("mixed_p: online pairs need live reference log-probs: use reference='model'")
+        if self.device is not None:
+            try:
+                device = torch.device(self.device)
+            except RuntimeError as e:
+                raise ValueError(f"device: expected 'cpu', 'cuda' or 'cuda:N', got {self.device!r}") from e
+            if device.type == "cuda" and not torch.cuda.is_available():
+                raise ValueError(f"device: {self.device!r} asked for, but torch sees no CUDA device")
         if self.online_bdhs is not None and self.reference != "model":
             raise ValueError("online_bdhs: the online rejected responses need live reference log-probs: "
                              "use reference='model'")
@@ -146,13 +155,30 @@ def _offloads(ds: dict) -> bool:
     return device not in (None, "none")
 
 
-def _init_distributed():
+def train_device(cfg: TrainConfig) -> torch.device:
+    """cfg.device ("cuda" alone means this process's GPU, cuda:LOCAL_RANK), else the GPU when there is one."""
+    if cfg.device == "cuda":
+        return torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
+    return torch.device(jobs.default_device(cfg.device))
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _init_distributed(device: torch.device):
+    """The process group: as a launcher (torchrun, deepspeed) set it up, else a group of one on a free port
+    (two single-process jobs on one machine must not collide on a fixed port). NCCL for GPUs, gloo on CPU."""
     import deepspeed
 
-    for key, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29500"), ("RANK", "0"), ("WORLD_SIZE", "1"),
-                       ("LOCAL_RANK", "0")):
+    if "MASTER_PORT" not in os.environ:
+        single = os.environ.get("WORLD_SIZE", "1") == "1"
+        os.environ["MASTER_PORT"] = str(_free_port()) if single else "29500"
+    for key, value in (("MASTER_ADDR", "127.0.0.1"), ("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")):
         os.environ.setdefault(key, value)
-    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
     return torch.distributed.get_rank(), torch.distributed.get_world_size()
 
 
@@ -162,8 +188,8 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, *, model=None, processor=None, ranker=None):
         cfg.validate()
         self.cfg = cfg
-        self.rank, self.world = _init_distributed()
-        device = torch.device(jobs.default_device())
+        device = train_device(cfg)
+        self.rank, self.world = _init_distributed(device)
         if model is None:
             if not cfg.model:
                 raise ValueError("model: give a local Hugging Face model directory")
@@ -451,7 +477,7 @@ class SimilarityRanker:
 def precompute_reference(cfg: TrainConfig, out: str, *, model=None, processor=None, batch_size: int = 8) -> int:
     """Write ``out`` (.jsonl): the data with ``ref_chosen_logp``/``ref_rejected_logp`` from the model as
     it is now (the DAMO and RLAIF-V recipe: the reference pass runs once). Returns the pair count."""
-    device = jobs.default_device()
+    device = str(train_device(cfg))
     if model is None:
         model, processor = load_model(cfg.model, device, torch.bfloat16 if cfg.bf16 else torch.float32)
     model.eval()

@@ -13,6 +13,7 @@ pytest.importorskip("deepspeed")
 from mmalign.cli import main  # noqa: E402
 from mmalign.prompts import PromptEncoder, load_model  # noqa: E402
 from mmalign.train import Trainer, TrainConfig, encode_pair, pair_logps  # noqa: E402
+from mmalign.train.trainer import _free_port, _init_distributed, train_device  # noqa: E402
 from mmalign import data  # noqa: E402
 
 from ..bdhs import _models as M  # noqa: E402
@@ -33,7 +34,8 @@ def setup(tmp_path_factory):
 
 def _cfg(root, model_dir, out, **kw):
     base = dict(model=model_dir, data=str(root / "in.jsonl"), images=str(root / "images"), output_dir=str(out),
-                reference="model", micro_batch_size=4, grad_accum=1, max_steps=1, lr=1e-3, progress=False)
+                reference="model", micro_batch_size=4, grad_accum=1, max_steps=1, lr=1e-3, progress=False,
+                device="cpu")  # the tests compare with plain PyTorch on the CPU, also where there is a GPU
     base.update(kw)
     return TrainConfig(**base)
 
@@ -140,7 +142,7 @@ def test_two_processes_equal_one(setup, tmp_path):
     root, model_dir = setup
     out = tmp_path / "two"
     out.mkdir()
-    mp.spawn(_rank_main, args=(root, model_dir, str(out), 29731), nprocs=2, join=True)
+    mp.spawn(_rank_main, args=(root, model_dir, str(out), _free_port()), nprocs=2, join=True)
     r0, r1 = (torch.load(out / f"rank{i}.pt") for i in range(2))
     torch.testing.assert_close(r0["params"], r1["params"], rtol=0, atol=0)
     assert r0["g"] == r1["g"]
@@ -152,9 +154,26 @@ def test_two_processes_equal_one(setup, tmp_path):
     assert r0["g"] == pytest.approx(float(single.loss_fn.running_mean), rel=1e-5)
 
 
+def test_device_and_process_group(monkeypatch):
+    with pytest.raises(ValueError, match="device: expected 'cpu', 'cuda' or 'cuda:N', got 'gpu0'"):
+        TrainConfig(model="m", data="x", device="gpu0").validate()
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="device: 'cuda:0' asked for, but torch sees no CUDA device"):
+            TrainConfig(model="m", data="x", device="cuda:0").validate()
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert train_device(TrainConfig(device="cuda")) == torch.device("cuda:3")
+    assert train_device(TrainConfig(device="cpu")) == torch.device("cpu")
+    # a single-process job takes a free port, not a fixed one that a second job on the machine would hold
+    monkeypatch.delenv("MASTER_PORT", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    _init_distributed(torch.device("cpu"))
+    assert 0 < int(os.environ["MASTER_PORT"]) < 65536 and os.environ["MASTER_PORT"] != "29500"
+    assert torch.distributed.get_backend() == "gloo"
+
+
 def test_precomputed_reference_and_cli(setup, tmp_path, capsys):
     root, model_dir = setup
-    common = ["--model", model_dir, "--images", str(root / "images"), "--no-progress"]
+    common = ["--model", model_dir, "--images", str(root / "images"), "--no-progress", "--device", "cpu"]
     ref = tmp_path / "ref.jsonl"
     assert main(["train", "--data", str(root / "in.jsonl"), "--precompute-reference", str(ref)] + common) == 0
     rows = [json.loads(x) for x in open(ref)]
