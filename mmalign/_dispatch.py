@@ -39,29 +39,33 @@ FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 @dataclass(frozen=True)
 class OpSupport:
     """What one op offers: a Triton implementation, and the C++ operators backing ``cpp`` and ``cuda``
-    (qualified names, None where there is no such kernel). ``cuda_auto=False``: the CUDA C++ kernel runs
-    when asked for (``backend="cuda"``, ``MMALIGN_BACKEND``) but automatic selection passes it over."""
+    (qualified names, None where there is no such kernel). ``cuda_auto_max_n``: automatic selection takes
+    the CUDA C++ kernel only for batches of at most that many rows (None: any size); past it the next
+    backend of PRIORITY runs. Asked for (``backend="cuda"``, ``MMALIGN_BACKEND``) it runs at any size."""
 
     triton: bool
     cpp: str | None
     cuda: str | None
     dtypes: tuple = FLOATS
     triton_dtypes: tuple = FLOATS
-    cuda_auto: bool = True
+    cuda_auto_max_n: int | None = None
 
 
 # The table. fused_linear_sequence_logps runs its per-chunk log-prob kernel through the same backends;
 # preference_loss runs through the DAMO step kernel (no filter, alpha = 1). The CUDA C++ DAMO step kernel
-# (csrc/cuda/damo_step.cu) has been compiled but has not run on a GPU yet: Triton stays the automatic
-# choice on CUDA until a GPU run of the tests and of benchmarks/bench_damo.py validates it.
+# (csrc/cuda/damo_step.cu, one thread block, at most 8192 pairs) passed every GPU test on an H100 and is
+# faster than Triton for small batches, slower for large ones (it ranks by counting, O(N^2 / threads)):
+# benchmarks/results/NVIDIA-H100-80GB-HBM3-2026-11-23-7d5fd4e, damo_step fwd 0.070 vs 0.260 ms at N=16,
+# 0.158 vs 0.310 at 256, 1.505 vs 0.352 at 4096. Without a selection (preference_loss) it was faster at
+# every size measured (16, 256, 4096).
 TABLE: dict[str, OpSupport] = {
     "sequence_logps": OpSupport(triton=True, cpp="mmalign::token_logps_fwd", cuda="mmalign::token_logps_fwd"),
     "fused_linear_sequence_logps": OpSupport(triton=True, cpp="mmalign::token_logps_fwd",
                                              cuda="mmalign::token_logps_fwd"),
     "preference_loss": OpSupport(triton=True, cpp="mmalign::damo_step_fwd", cuda="mmalign::damo_step_fwd",
-                                 cuda_auto=False),
+                                 cuda_auto_max_n=8192),
     "damo_step": OpSupport(triton=True, cpp="mmalign::damo_step_fwd", cuda="mmalign::damo_step_fwd",
-                           cuda_auto=False),
+                           cuda_auto_max_n=256),
     # tl.dot has no float64: float64 (the tests' exactness checks) runs the SDPA reference.
     "masked_attention": OpSupport(triton=True, cpp=None, cuda=None,
                                   triton_dtypes=(torch.float32, torch.float16, torch.bfloat16)),
@@ -145,16 +149,18 @@ def _raw_env(name: str):
     return _ENV_DATA.get(_ENV_KEYS[name])
 
 
-def select(op: str, device, dtype: torch.dtype, backend: str | None = None) -> str:
-    """The backend that runs ``op`` on (device, dtype): ``backend`` if given, else ``MMALIGN_BACKEND``,
-    else the first of ``PRIORITY`` that can run. A forced backend that cannot run raises. The answer
-    is cached per (op, device type, dtype, backend, MMALIGN_BACKEND, TRITON_INTERPRET)."""
-    return _select(op, _device_type(device), dtype, backend, _raw_env("MMALIGN_BACKEND"),
-                   _raw_env("TRITON_INTERPRET"))
+def select(op: str, device, dtype: torch.dtype, backend: str | None = None, n: int | None = None) -> str:
+    """The backend that runs ``op`` on (device, dtype) for ``n`` rows (None: any): ``backend`` if given,
+    else ``MMALIGN_BACKEND``, else the first of ``PRIORITY`` that can run (the CUDA kernel only up to the
+    op's ``cuda_auto_max_n``). A forced backend that cannot run raises. The answer is cached per (op,
+    device type, dtype, backend, past cuda_auto_max_n, MMALIGN_BACKEND, TRITON_INTERPRET)."""
+    limit = TABLE[op].cuda_auto_max_n if op in TABLE else None
+    return _select(op, _device_type(device), dtype, backend, n is not None and limit is not None and n > limit,
+                   _raw_env("MMALIGN_BACKEND"), _raw_env("TRITON_INTERPRET"))
 
 
 @functools.lru_cache(maxsize=1024)
-def _select(op: str, device: str, dtype: torch.dtype, backend, _env, _interp) -> str:
+def _select(op: str, device: str, dtype: torch.dtype, backend, too_big_for_cuda: bool, _env, _interp) -> str:
     forced, source = (backend, "backend=") if backend is not None else (_forced(op), "MMALIGN_BACKEND")
     if forced is not None:
         if forced not in BACKENDS:
@@ -165,7 +171,7 @@ def _select(op: str, device: str, dtype: torch.dtype, backend, _env, _interp) ->
                                      f"{torch.device(device)} {dtype}: " + "; ".join(reasons))
         return forced
     for name in PRIORITY.get(_device_type(device), ("reference",)):
-        if name == "cuda" and not TABLE[op].cuda_auto:
+        if name == "cuda" and too_big_for_cuda:
             continue
         if not not_supported_reasons(op, name, device, dtype):
             return name

@@ -51,7 +51,11 @@ def collect() -> dict:
 
 def _safe_select(op, dev, dt) -> str:
     try:
-        return _dispatch.select(op, dev, dt)
+        name = _dispatch.select(op, dev, dt)
+        limit = _dispatch.TABLE[op].cuda_auto_max_n
+        if name == "cuda" and limit is not None:
+            return f"cuda up to {limit} rows, {_dispatch.select(op, dev, dt, n=limit + 1)} beyond"
+        return name
     except Exception as e:  # a forced MMALIGN_BACKEND that cannot run
         return f"error: {e}"
 

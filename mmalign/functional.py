@@ -192,7 +192,7 @@ def preference_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: to
     _checks.choice("reduction", reduction, ("mean", "none"))
     logps = (policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
     N, dev = _check_pair_inputs(logps, beta, None, None, weights)
-    name = _dispatch.select("preference_loss", dev, policy_chosen_logps.dtype, backend)
+    name = _dispatch.select("preference_loss", dev, policy_chosen_logps.dtype, backend, n=N)
     if check_inputs and name != "cpp":  # the C++ kernel checks the values itself
         _check_pair_values(logps, beta, None, None, weights)
     if name == "reference":
@@ -264,7 +264,7 @@ def damo_step(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Te
         return _damo_step_distributed(logps, running_mean, beta, alpha_d, weights, cfg, seed, step, increment_step,
                                       inplace, group, backend)
     ds.kernel_args(cfg, N)  # raises when K > N (cached per config and N)
-    name = _dispatch.select("damo_step", dev, policy_chosen_logps.dtype, backend)
+    name = _dispatch.select("damo_step", dev, policy_chosen_logps.dtype, backend, n=N)
     if check_inputs and name != "cpp":  # the C++ kernel checks the values itself
         _check_pair_values(logps, beta, running_mean, alpha_d, weights)
     return _damo_step_local(logps, running_mean, beta, alpha_d, weights, cfg, seed, step, increment_step, inplace,
@@ -325,7 +325,7 @@ def _damo_step_distributed(logps, running_mean, beta, alpha_d, weights, cfg, see
     g_ad = gather(alpha_d) if alpha_d is not None else None
     g_wt = gather(weights) if weights is not None else None
     zeros = torch.zeros_like(gw)
-    name = _dispatch.select("damo_step", gw.device, gw.dtype, backend)
+    name = _dispatch.select("damo_step", gw.device, gw.dtype, backend, n=gw.shape[0])
     out = _damo_step_local((gw, gl, zeros, zeros), running_mean, g_beta, g_ad, g_wt, cfg, seed, step,
                            increment_step, inplace, name)
     m = out.metrics

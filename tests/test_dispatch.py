@@ -75,10 +75,11 @@ def test_unknown_op():
         _dispatch.select("softmax", "cpu", torch.float32)
 
 
-def test_cuda_kernels_marked_unverified_are_not_chosen_automatically(monkeypatch):
-    """damo_step and preference_loss have a CUDA C++ kernel that has not run on a GPU yet: on CUDA the
-    automatic choice passes it over (Triton), while sequence_logps takes its CUDA kernel; forcing
-    backend="cuda" still reaches it."""
+def test_cuda_kernels_are_chosen_by_batch_size(monkeypatch):
+    """On CUDA the automatic choice takes the DAMO step's CUDA C++ kernel up to 256 pairs and Triton beyond
+    (the kernel ranks by counting; H100 measurements in _dispatch.py), the preference loss's up to the
+    kernel's 8192 pairs; sequence_logps takes its CUDA kernel at any size; forcing backend="cuda" reaches
+    the kernel at any size."""
     from mmalign import _ext
 
     loaded, _ = _ext.load()
@@ -88,9 +89,12 @@ def test_cuda_kernels_marked_unverified_are_not_chosen_automatically(monkeypatch
     monkeypatch.setattr(_dispatch._triton, "HAS_TRITON", True)
     _dispatch._select.cache_clear()
     try:
-        assert _dispatch.select("damo_step", "cuda", torch.float32) == "triton"
-        assert _dispatch.select("preference_loss", "cuda", torch.float32) == "triton"
-        assert _dispatch.select("sequence_logps", "cuda", torch.float32) == "cuda"
-        assert _dispatch.select("damo_step", "cuda", torch.float32, backend="cuda") == "cuda"
+        sel = lambda op, n, **kw: _dispatch.select(op, "cuda", torch.float32, n=n, **kw)  # noqa: E731
+        assert [sel("damo_step", n) for n in (1, 16, 256, 257, 4096, None)] == ["cuda"] * 3 + ["triton"] * 2 + ["cuda"]
+        assert [sel("preference_loss", n) for n in (16, 8192, 8193)] == ["cuda", "cuda", "triton"]
+        assert sel("sequence_logps", 10**6) == "cuda"
+        assert sel("damo_step", 4096, backend="cuda") == "cuda"
+        monkeypatch.setenv("MMALIGN_BACKEND", "damo_step=cuda")
+        assert sel("damo_step", 4096) == "cuda"
     finally:
         _dispatch._select.cache_clear()

@@ -162,10 +162,14 @@ def _blocks(tq: int, d: int) -> tuple[int, int, int]:
 def kept_key_index(key_keep: torch.Tensor):
     """(IDX, COUNT) for the kernel: IDX[b] = kept key positions in order (then the rest), COUNT[b, p] =
     number of kept keys before position p. Built with device ops only (no host synchronization)."""
-    keep = key_keep.to(torch.int32)
-    idx = torch.argsort(1 - keep, dim=1, stable=True).to(torch.int32)
-    count = torch.nn.functional.pad(torch.cumsum(keep, dim=1, dtype=torch.int32), (1, 0))
-    return idx.contiguous(), count.contiguous()
+    B, T = key_keep.shape
+    kept_upto = torch.cumsum(key_keep, dim=1, dtype=torch.int32)  # kept keys in [0, j]
+    pos = torch.arange(T, dtype=torch.int32, device=key_keep.device).expand(B, T)
+    # a kept key goes to its rank among the kept ones, a hidden one after all kept keys, in order (a
+    # stable sort by "hidden" without sorting: a sort is several launches and the slowest part on a GPU)
+    dest = torch.where(key_keep, kept_upto - 1, kept_upto[:, -1:] + pos - kept_upto)
+    idx = torch.empty((B, T), dtype=torch.int32, device=key_keep.device).scatter_(1, dest.long(), pos)
+    return idx, torch.nn.functional.pad(kept_upto, (1, 0)).contiguous()
 
 
 def default_splits(B: int, Hq: int, Tq: int, Tk: int, block_m: int, device) -> int:

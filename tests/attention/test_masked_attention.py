@@ -164,3 +164,16 @@ def test_packed_bitmask(rng):
                                masked_attention(q, k, v, key_keep=keep))
     with pytest.raises(ValueError, match="packed uint8 bitmask must have shape"):
         masked_attention(q, k, v, key_keep=packed[:, :2])
+
+
+@pytest.mark.parametrize("B,T,p", [(1, 1, 0.5), (3, 17, 0.3), (2, 1000, 0.01), (4, 64, 0.0), (4, 64, 1.0), (2, 0, 0.5)])
+def test_kept_key_index_is_a_stable_partition(B, T, p):
+    """IDX lists each sample's kept keys in order, then its hidden ones in order (what a stable argsort by
+    "hidden" gives, built without a sort); COUNT[b, j] counts the kept keys before j."""
+    from mmalign.attention.masked import kept_key_index
+
+    keep = torch.rand(B, T, generator=torch.Generator().manual_seed(T)) < p
+    idx, count = kept_key_index(keep)
+    assert idx.dtype == count.dtype == torch.int32 and idx.shape == (B, T) and count.shape == (B, T + 1)
+    assert torch.equal(idx, torch.argsort((~keep).int(), dim=1, stable=True).int())
+    assert torch.equal(count, torch.nn.functional.pad(keep.int().cumsum(1), (1, 0)).int())
