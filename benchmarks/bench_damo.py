@@ -3,6 +3,10 @@ vs an eager transcription of the released code's style (SPEC.md §3 "official": 
 .item() and Python indexing every step), at N = 16, 256, 4096 pairs, and 16384 (on CUDA past one Triton
 program: the multi-program path).
 
+fwd+bwd also times "autograd-floor", the backward of a two-op graph ((x * y).sum()) on the same N: the
+fixed cost of one autograd.grad call, which every loss pays in this microbenchmark and which a training
+step pays once for the whole model, not per loss.
+
 extra_info records, for each provider, the CUDA kernel launches of one step (profiler) and the host
 synchronizations (torch.cuda.set_sync_debug_mode counts them) on GPU."""
 import warnings
@@ -40,13 +44,15 @@ def released_style_step(pc, pr, rc, rr, state, alpha_d, beta=0.1, keep_ratio=0.8
 
 def _providers(device):
     fused = ["triton", "cuda"] if device == "cuda" else ["cpp"]  # cuda: the C++ kernel with C++ autograd
-    return ["released-style", "reference"] + fused
+    return ["released-style", "reference", "autograd-floor"] + fused
 
 
 def _step_fn(provider, alpha_d, device):
     if provider == "released-style":
         state = {"g": 0.0}
         return lambda *lp: released_style_step(*lp, state, alpha_d)[0]
+    if provider == "autograd-floor":
+        return lambda *lp: (lp[0] * lp[1]).sum()
     if provider == "reference":
         g = torch.zeros((), device=device)
         cfg = DAMOConfig()
@@ -78,13 +84,15 @@ def _launches_and_syncs(fn, leaves, device):
 
 
 @pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
-@pytest.mark.parametrize("provider", ["released-style", "reference", "triton", "cuda", "cpp"])
+@pytest.mark.parametrize("provider", ["released-style", "reference", "autograd-floor", "triton", "cuda", "cpp"])
 @pytest.mark.parametrize("N", [16, 256, 4096, 16384])  # 16384: past one Triton program (multi-program path)
 def test_damo_step(benchmark, device, quick, mode, provider, N):
     if quick and N != 16:
         pytest.skip("--quick")
     if provider not in _providers(device):
         pytest.skip(f"{provider} is not benchmarked on {device}")
+    if provider == "autograd-floor" and mode == "fwd":
+        pytest.skip("the autograd floor is a backward cost")
     if provider in _dispatch.BACKENDS and _dispatch.not_supported_reasons("damo_step", provider, device, torch.float32):
         pytest.skip(f"{provider} cannot run here")
     if provider == "cuda" and N > CUDA_MAX_N:
