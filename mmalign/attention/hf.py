@@ -53,6 +53,32 @@ def _extend(mask: torch.Tensor | None, length: int, device) -> torch.Tensor | No
     return torch.nn.functional.pad(mask, (0, length - mask.shape[1]), value=True)
 
 
+# (the source tensors, their versions and shapes, the masks made of them) of the last call: the layers
+# of one forward pass the same tensors, so they get the same key_keep object, which masked_attention's
+# own prepared_keys then reuses too
+_LAST_MASKS: list = [None]
+
+
+def _layer_masks(keep, scope, attention_mask, Tk: int, Tq: int, device):
+    """(key_keep (B, Tk), query_scope (B, Tq)) for one layer's call, bool or None."""
+    sources = (keep, scope, attention_mask)
+    key = (tuple(-1 if t is None else t._version for t in sources), Tk, Tq, device)
+    last = _LAST_MASKS[0]
+    if last is not None and last[1] == key and all(a is b for a, b in zip(last[0], sources)):
+        return last[2]
+    key_keep = _extend(keep, Tk, device)
+    if attention_mask is not None:
+        pad = attention_mask[:, -Tk:].to(torch.bool)
+        key_keep = pad if key_keep is None else key_keep & pad
+    query_scope = _extend(scope, Tk, device)
+    if query_scope is not None:
+        query_scope = query_scope[:, Tk - Tq:]
+        if key_keep is None:
+            query_scope = None
+    _LAST_MASKS[0] = (sources, key, (key_keep, query_scope))
+    return key_keep, query_scope
+
+
 def attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
     """The function registered under ``"mmalign_masked"`` (transformers' attention-interface signature):
     query (B, Hq, Tq, D), key/value (B, Hkv, Tk, D), attention_mask None or (B, Tk) bool padding."""
@@ -72,15 +98,7 @@ def attention_forward(module, query, key, value, attention_mask, dropout: float 
     if attention_mask is not None and attention_mask.dim() != 2:
         raise ValueError(f"mmalign_masked expects a 2-D padding mask from its mask function, got shape "
                          f"{tuple(attention_mask.shape)} (is mmalign.attention.hf.register() called?)")
-    key_keep = _extend(keep, Tk, query.device)
-    if attention_mask is not None:
-        pad = attention_mask[:, -Tk:].to(torch.bool)
-        key_keep = pad if key_keep is None else key_keep & pad
-    query_scope = _extend(scope, Tk, query.device)
-    if query_scope is not None:
-        query_scope = query_scope[:, Tk - Tq:]
-        if key_keep is None:
-            query_scope = None
+    key_keep, query_scope = _layer_masks(keep, scope, attention_mask, Tk, Tq, query.device)
     out = masked_attention(query, key, value, key_keep=key_keep, query_scope=query_scope, causal=causal,
                            scale=scaling)
     return out.transpose(1, 2).contiguous(), None

@@ -172,6 +172,22 @@ def kept_key_index(key_keep: torch.Tensor):
     return idx, torch.nn.functional.pad(kept_upto, (1, 0)).contiguous()
 
 
+# (key_keep, its version, prepared) of the last call: every layer of a model's forward passes the same mask
+_LAST_KEYS: list = [None]
+
+
+def prepared_keys(key_keep: torch.Tensor):
+    """(key_keep as int8, IDX, COUNT) for the kernel. The layers of one forward pass the same mask, so the
+    last result is reused while ``key_keep`` is the same tensor at the same version (an in-place change
+    bumps it); the reference held here keeps its id from being reused."""
+    last = _LAST_KEYS[0]
+    if last is not None and last[0] is key_keep and last[1] == key_keep._version:
+        return last[2]
+    prepared = (key_keep.to(torch.int8).contiguous(), *kept_key_index(key_keep))
+    _LAST_KEYS[0] = (key_keep, key_keep._version, prepared)
+    return prepared
+
+
 def default_splits(B: int, Hq: int, Tq: int, Tk: int, block_m: int, device) -> int:
     """Split the keys when too few (query block, head) programs would fill the GPU (decode)."""
     programs = B * Hq * triton.cdiv(Tq, block_m)
@@ -192,8 +208,7 @@ def masked_attention_triton(q, k, v, key_keep=None, *, query_scope=None, causal=
     splits = triton.cdiv(Tk, per_split) if Tk else 1
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     dummy = torch.empty(1, dtype=torch.int32, device=q.device)
-    keep = key_keep.to(torch.int8).contiguous() if key_keep is not None else dummy
-    idx, count = kept_key_index(key_keep) if key_keep is not None else (dummy, dummy)
+    keep, idx, count = prepared_keys(key_keep) if key_keep is not None else (dummy, dummy, dummy)
     scope = query_scope.to(torch.int8).contiguous() if query_scope is not None else dummy
     out = torch.empty((splits, B, Hq, Tq, D), dtype=q.dtype if splits == 1 else torch.float32, device=q.device)
     lse = torch.empty((splits, B * Hq, Tq), dtype=torch.float32, device=q.device)

@@ -160,3 +160,30 @@ def test_holes_in_the_2d_mask_would_shift_positions(rng):
         explicit = ref(ids, attention_mask=keep.long(), position_ids=torch.arange(24)[None]).logits[:, -1]
     torch.testing.assert_close(right, explicit.to(right.dtype))  # generate() returns float32 scores
     assert (right - holes).abs().max() > 1e-4
+
+
+def test_layers_share_one_mask_preparation(rng, monkeypatch):
+    """The layers of one forward pass the same mask tensors: the masks and the kernel's kept-key index are
+    built once per forward, rebuilt for a new mask or after an in-place change, with unchanged results."""
+    from mmalign.attention import masked
+
+    calls = []
+    monkeypatch.setattr(masked, "kept_key_index", lambda k, f=masked.kept_key_index: calls.append(1) or f(k))
+    ref, model = _llama(torch.float32)
+    assert model.config.num_hidden_layers == 2
+    ids = torch.randint(2, 60, (2, 20), generator=rng)
+    keep = torch.rand(2, 20, generator=rng) > 0.5
+    keep[:, 0] = True
+    with torch.no_grad():
+        first = model(ids, mmalign_key_keep=keep).logits
+        if not calls:
+            pytest.skip("masked_attention ran its reference backend here (no Triton)")
+        assert len(calls) == 1
+        assert torch.equal(model(ids, mmalign_key_keep=keep).logits, first) and len(calls) == 1
+        keep[1, 5:10] = ~keep[1, 5:10]  # in place: the version changes, the preparation is redone
+        changed = model(ids, mmalign_key_keep=keep).logits
+        assert len(calls) == 2
+        fresh = model(ids, mmalign_key_keep=keep.clone()).logits
+    assert len(calls) == 3
+    torch.testing.assert_close(changed, fresh, rtol=0, atol=0)
+    assert not torch.equal(changed[1], first[1]) and torch.equal(changed[0], first[0])

@@ -177,3 +177,16 @@ def test_kept_key_index_is_a_stable_partition(B, T, p):
     assert idx.dtype == count.dtype == torch.int32 and idx.shape == (B, T) and count.shape == (B, T + 1)
     assert torch.equal(idx, torch.argsort((~keep).int(), dim=1, stable=True).int())
     assert torch.equal(count, torch.nn.functional.pad(keep.int().cumsum(1), (1, 0)).int())
+
+
+def test_prepared_keys_are_reused_until_the_mask_changes():
+    from mmalign.attention.masked import prepared_keys
+
+    keep = torch.rand(2, 40, generator=torch.Generator().manual_seed(0)) > 0.5
+    first = prepared_keys(keep)
+    assert prepared_keys(keep) is first
+    assert prepared_keys(keep.clone()) is not first  # another tensor
+    keep[0, :4] = False  # in place
+    again = prepared_keys(keep)
+    assert again is not first and torch.equal(again[0], keep.to(torch.int8))
+    assert torch.equal(again[1], torch.argsort((~keep).int(), dim=1, stable=True).int())
