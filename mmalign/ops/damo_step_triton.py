@@ -573,6 +573,9 @@ class DAMOStepFunction(torch.autograd.Function):
         out, grad_u, dl_du, scale = triton_fwd(inputs._replace(pc=pc, pr=pr, rc=rc, rr=rr), cfg)
         ctx.save_for_backward(grad_u, dl_du, scale)
         ctx.mark_non_differentiable(*out[2:])
+        # unused outputs give None, not a zero tensor each (8 fill launches on every backward): the
+        # backward kernel takes either gradient as absent
+        ctx.set_materialize_grads(False)
         return tuple(out)
 
     @staticmethod
