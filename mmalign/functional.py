@@ -236,9 +236,9 @@ def damo_step(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Te
             the loss of its own slice (the sum over ranks is the loss of the global batch).
         check_inputs: raise on non-finite inputs or beta <= 0 (on CUDA one host synchronization; the C++ CPU
             kernel tests them in the same pass, at no cost).
-        backend: None (automatic: "cpp" on CPU, "triton" on CUDA), "triton" (one program up to 8192 pairs, a
-            multi-program path beyond), "cuda" (the CUDA C++ kernel with C++ autograd, up to 8192 pairs, then
-            Triton; opt-in until measured on a GPU), "cpp", or "reference" (SPEC.md literally, host syncs).
+        backend: None (automatic: "cpp" on CPU; on CUDA "cuda" up to 256 pairs, "triton" beyond), "triton"
+            (one program up to 8192 pairs, a multi-program path beyond), "cuda" (the CUDA C++ kernel with C++
+            autograd, up to 8192 pairs, then Triton), "cpp", or "reference" (SPEC.md literally, host syncs).
     Returns: DAMOStep(loss, running_mean, metrics) with DAMOMetrics(keep, alpha_m, beta, chosen_rewards,
     rejected_rewards, margins, accuracies, losses)."""
     if config is not None:
