@@ -26,7 +26,7 @@ import contextvars
 
 import torch
 
-from .masked import masked_attention
+from .masked import masked_attention, tensor_version
 
 NAME = "mmalign_masked"
 _MASK: contextvars.ContextVar = contextvars.ContextVar("mmalign_hidden_keys", default=(None, None))
@@ -62,9 +62,10 @@ _LAST_MASKS: list = [None]
 def _layer_masks(keep, scope, attention_mask, Tk: int, Tq: int, device):
     """(key_keep (B, Tk), query_scope (B, Tq)) for one layer's call, bool or None."""
     sources = (keep, scope, attention_mask)
-    key = (tuple(-1 if t is None else t._version for t in sources), Tk, Tq, device)
+    versions = tuple(tensor_version(t) for t in sources)
+    key = (versions, Tk, Tq, device) if None not in versions else None  # None: an inference tensor
     last = _LAST_MASKS[0]
-    if last is not None and last[1] == key and all(a is b for a, b in zip(last[0], sources)):
+    if key is not None and last is not None and last[1] == key and all(a is b for a, b in zip(last[0], sources)):
         return last[2]
     key_keep = _extend(keep, Tk, device)
     if attention_mask is not None:
@@ -75,7 +76,7 @@ def _layer_masks(keep, scope, attention_mask, Tk: int, Tq: int, device):
         query_scope = query_scope[:, Tk - Tq:]
         if key_keep is None:
             query_scope = None
-    _LAST_MASKS[0] = (sources, key, (key_keep, query_scope))
+    _LAST_MASKS[0] = (sources, key, (key_keep, query_scope)) if key is not None else None
     return key_keep, query_scope
 
 

@@ -176,15 +176,24 @@ def kept_key_index(key_keep: torch.Tensor):
 _LAST_KEYS: list = [None]
 
 
+def tensor_version(t: torch.Tensor | None):
+    """t's version counter (bumped by every in-place change), -1 for None, None for an inference tensor
+    (made under torch.inference_mode: it has no counter, so nothing made from it can be reused safely)."""
+    if t is None:
+        return -1
+    return None if t.is_inference() else t._version
+
+
 def prepared_keys(key_keep: torch.Tensor):
     """(key_keep as int8, IDX, COUNT) for the kernel. The layers of one forward pass the same mask, so the
     last result is reused while ``key_keep`` is the same tensor at the same version (an in-place change
-    bumps it); the reference held here keeps its id from being reused."""
-    last = _LAST_KEYS[0]
-    if last is not None and last[0] is key_keep and last[1] == key_keep._version:
+    bumps it; inference tensors have no version and are prepared every time); the reference held here
+    keeps its id from being reused."""
+    version, last = tensor_version(key_keep), _LAST_KEYS[0]
+    if version is not None and last is not None and last[0] is key_keep and last[1] == version:
         return last[2]
     prepared = (key_keep.to(torch.int8).contiguous(), *kept_key_index(key_keep))
-    _LAST_KEYS[0] = (key_keep, key_keep._version, prepared)
+    _LAST_KEYS[0] = (key_keep, version, prepared) if version is not None else None
     return prepared
 
 

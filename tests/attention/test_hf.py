@@ -187,3 +187,22 @@ def test_layers_share_one_mask_preparation(rng, monkeypatch):
     assert len(calls) == 3
     torch.testing.assert_close(changed, fresh, rtol=0, atol=0)
     assert not torch.equal(changed[1], first[1]) and torch.equal(changed[0], first[0])
+
+
+def test_masks_made_under_inference_mode(rng):
+    """Inference tensors have no version counter: their masks are prepared on every call, with the same
+    results as under no_grad."""
+    ref, model = _llama(torch.float32)
+    ids = torch.randint(2, 60, (2, 20), generator=rng)
+    keep = torch.rand(2, 20, generator=rng) > 0.5
+    keep[:, 0] = True
+    with torch.no_grad():
+        expected = model(ids, mmalign_key_keep=keep).logits
+    with torch.inference_mode():
+        inf_keep = keep.clone()
+        first = model(ids, mmalign_key_keep=inf_keep).logits
+        inf_keep[1, 5:10] = ~inf_keep[1, 5:10]  # in place, undetectable by a version counter
+        changed = model(ids, mmalign_key_keep=inf_keep).logits
+    torch.testing.assert_close(first, expected, rtol=0, atol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(changed, model(ids, mmalign_key_keep=inf_keep.clone()).logits, rtol=0, atol=0)
