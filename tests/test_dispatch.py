@@ -98,3 +98,15 @@ def test_cuda_kernels_are_chosen_by_batch_size(monkeypatch):
         assert sel("damo_step", 4096) == "cuda"
     finally:
         _dispatch._select.cache_clear()
+
+
+def test_host_helpers_match_triton():
+    """The launchers' plain cdiv / next_power_of_2 (Triton's are slow to call from Python) agree with Triton's."""
+    from mmalign import _triton
+
+    triton = pytest.importorskip("triton")
+    for n in [1, 2, 3, 15, 16, 17, 1000, 4096, 4097, 8192]:
+        assert _triton.next_power_of_2(n) == triton.next_power_of_2(n)
+        for d in (1, 16, 64, 128, 1024):
+            assert _triton.cdiv(n, d) == triton.cdiv(n, d)
+    assert _triton.cdiv(0, 16) == 0

@@ -25,7 +25,7 @@ import math
 
 import torch
 
-from .._triton import tl, triton
+from .._triton import cdiv, next_power_of_2, tl, triton
 
 LOG2E = 1.4426950408889634
 
@@ -153,7 +153,7 @@ def _masked_attn_fwd_kernel(
 
 # ------------------------------------------------------------------------------------------ launcher
 def _blocks(tq: int, d: int) -> tuple[int, int, int]:
-    block_d = max(16, triton.next_power_of_2(d))
+    block_d = max(16, next_power_of_2(d))
     block_m = 16 if tq <= 16 else 64
     block_n = 64 if block_d <= 128 else 32
     return block_m, block_n, block_d
@@ -199,11 +199,11 @@ def prepared_keys(key_keep: torch.Tensor):
 
 def default_splits(B: int, Hq: int, Tq: int, Tk: int, block_m: int, device) -> int:
     """Split the keys when too few (query block, head) programs would fill the GPU (decode)."""
-    programs = B * Hq * triton.cdiv(Tq, block_m)
+    programs = B * Hq * cdiv(Tq, block_m)
     if device.type != "cuda" or programs >= 256 or Tk < 1024:
         return 1
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(triton.cdiv(2 * sms, programs), Tk // 512, 64))
+    return max(1, min(cdiv(2 * sms, programs), Tk // 512, 64))
 
 
 def masked_attention_triton(q, k, v, key_keep=None, *, query_scope=None, causal=True, scale=None, num_splits=None):
@@ -212,16 +212,16 @@ def masked_attention_triton(q, k, v, key_keep=None, *, query_scope=None, causal=
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     block_m, block_n, block_d = _blocks(Tq, D)
     splits = num_splits or default_splits(B, Hq, Tq, Tk, block_m, q.device)
-    per_split = triton.cdiv(Tk, splits)
-    per_split = triton.cdiv(per_split, block_n) * block_n
-    splits = triton.cdiv(Tk, per_split) if Tk else 1
+    per_split = cdiv(Tk, splits)
+    per_split = cdiv(per_split, block_n) * block_n
+    splits = cdiv(Tk, per_split) if Tk else 1
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     dummy = torch.empty(1, dtype=torch.int32, device=q.device)
     keep, idx, count = prepared_keys(key_keep) if key_keep is not None else (dummy, dummy, dummy)
     scope = query_scope.to(torch.int8).contiguous() if query_scope is not None else dummy
     out = torch.empty((splits, B, Hq, Tq, D), dtype=q.dtype if splits == 1 else torch.float32, device=q.device)
     lse = torch.empty((splits, B * Hq, Tq), dtype=torch.float32, device=q.device)
-    grid = (triton.cdiv(Tq, block_m), B * Hq, splits)
+    grid = (cdiv(Tq, block_m), B * Hq, splits)
     _masked_attn_fwd_kernel[grid](
         q, k, v, keep, scope, idx, count, out, lse,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),

@@ -21,7 +21,7 @@ import math
 import numpy as np
 import torch
 
-from .._triton import tl, triton
+from .._triton import cdiv, next_power_of_2, tl, triton
 from .damo_step import DAMOConfig, KernelArgs, StepInputs, StepOutputs, kernel_args
 
 # One program holds and sorts the whole batch: 8192 pairs fit (a DAMO batch is 16 to a few thousand
@@ -445,14 +445,14 @@ def _acc(dtype):
 
 def _one_program(n: int) -> dict:
     """Block and warps of the kernels that hold the whole batch of n pairs in one program."""
-    return dict(BLOCK_N=max(16, triton.next_power_of_2(n)), num_warps=4 if n <= 1024 else 8)
+    return dict(BLOCK_N=max(16, next_power_of_2(n)), num_warps=4 if n <= 1024 else 8)
 
 
 def _grid(n: int) -> tuple[int, dict]:
     """Programs and launch options of the multi-program kernels (and of the backward past one program)."""
     if n <= MAX_FUSED_N:
         return 1, _one_program(n)
-    return triton.cdiv(n, MP_BLOCK), dict(BLOCK_N=MP_BLOCK, num_warps=4)
+    return cdiv(n, MP_BLOCK), dict(BLOCK_N=MP_BLOCK, num_warps=4)
 
 
 def _outputs(n: int, dt, dev):
@@ -515,7 +515,7 @@ def _multi_program_fwd(x: StepInputs, cfg: DAMOConfig):
     out, grad_u, dl_du = _outputs(N, dt, dev)
     beta_t, step_t, beta_s, stride_beta, step_s, has_beta_t, step_is_t, fp64 = _common(x)
     P, launch = _grid(N)
-    blocks = dict(launch, P_BLOCK=max(16, triton.next_power_of_2(P)))
+    blocks = dict(launch, P_BLOCK=max(16, next_power_of_2(P)))
     part = torch.empty((6, P), dtype=dt, device=dev)
     comp = torch.empty(N if k.select else 1, dtype=torch.int64, device=dev)
     inputs = (x.pc, x.pr, x.rc, x.rr, beta_t)

@@ -16,7 +16,7 @@ from typing import NamedTuple
 
 import torch
 
-from .._triton import interpreting, tl, triton
+from .._triton import interpreting, next_power_of_2, tl, triton
 
 # ----------------------------------------------------------------------------------------------------
 # Reference (SPEC.md section 1, literally)
@@ -116,7 +116,7 @@ def _block_v(V: int) -> int:
     # GPU: 4096-wide blocks, 8 warps (16 elements per thread per iteration: enough loads in flight at
     # V >= 32k, no spills). Interpreter: one numpy op per block, so wide blocks are what makes it fast.
     cap = 65536 if interpreting() else 4096
-    return min(triton.next_power_of_2(V), cap)
+    return min(next_power_of_2(V), cap)
 
 
 def _triton_fwd(logits, labels, ignore_index):
