@@ -216,16 +216,18 @@ def masked_attention_triton(q, k, v, key_keep=None, *, query_scope=None, causal=
     per_split = cdiv(per_split, block_n) * block_n
     splits = cdiv(Tk, per_split) if Tk else 1
     scale = 1.0 / math.sqrt(D) if scale is None else scale
-    dummy = torch.empty(1, dtype=torch.int32, device=q.device)
-    keep, idx, count = prepared_keys(key_keep) if key_keep is not None else (dummy, dummy, dummy)
-    scope = query_scope.to(torch.int8).contiguous() if query_scope is not None else dummy
+    if key_keep is not None:
+        keep, idx, count = prepared_keys(key_keep)
+        scope = query_scope.to(torch.int8).contiguous() if query_scope is not None else keep  # unread then
+    else:  # no mask: the kernel reads none of these
+        keep = idx = count = scope = torch.empty(1, dtype=torch.int32, device=q.device)
     out = torch.empty((splits, B, Hq, Tq, D), dtype=q.dtype if splits == 1 else torch.float32, device=q.device)
     lse = torch.empty((splits, B * Hq, Tq), dtype=torch.float32, device=q.device)
     grid = (cdiv(Tq, block_m), B * Hq, splits)
+    sq, sk, sv, so = q.stride(), k.stride(), v.stride(), out.stride()
     _masked_attn_fwd_kernel[grid](
-        q, k, v, keep, scope, idx, count, out, lse,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), out.stride(1), out.stride(2), out.stride(3), out.stride(0),
+        q, k, v, keep, scope, idx, count, out, lse, sq[0], sq[1], sq[2], sk[0], sk[1], sk[2], sv[0], sv[1], sv[2],
+        so[1], so[2], so[3], so[0],
         Hq, Hq // Hkv, Tq, Tk, D, scale * LOG2E, per_split,
         CAUSAL=causal, HAS_KEEP=key_keep is not None, HAS_SCOPE=query_scope is not None,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
