@@ -5,6 +5,9 @@
 #
 #   benchmarks/gpu.sh [OUT_DIR] [--quick] [--tests-only | --bench-only] [--ops=SUITE,SUITE] [--wheels=DIR]
 #
+# The commit in every report is `git rev-parse HEAD`; where the tree travels without .git (the device
+# tool's copy), set MMALIGN_COMMIT=<sha> or the reports say "unknown".
+#
 # Nothing is downloaded; missing optional packages skip their tests and benchmarks. Pure-Python packages
 # the machine lacks (DeepSpeed, TRL, datasets, open_clip, Liger) can come along as wheels: make them with
 # benchmarks/gpu_wheels.sh where pip works, carry the folder (.whl/ by default), and this script installs
