@@ -300,8 +300,8 @@ def _mp_bad(PART, g, P, P_BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _mp_block(PC, PR, RC, RR, BETA, G, N, beta_hi, beta_lo, stride_beta, HAS_BETA_T: tl.constexpr, ACC_FP64: tl.constexpr,
-              BLOCK_N: tl.constexpr):
+def _mp_block(PC, PR, RC, RR, BETA, G, N, beta_hi, beta_lo, stride_beta, HAS_BETA_T: tl.constexpr,
+              ACC_FP64: tl.constexpr, BLOCK_N: tl.constexpr):
     """This program's pairs: (pid, offs, mask, logr_w, logr_l, beta, g)."""
     pid = tl.program_id(0)
     offs = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -470,10 +470,9 @@ def split_float(x: float) -> tuple[float, float]:
 
 
 @functools.lru_cache(maxsize=1024)
-def _config_floats(k: KernelArgs) -> dict:
-    """gamma, rho, eps and min_beta as the kernels take them (split_float pairs)."""
-    return {f"{name}_{part}": v for name in ("gamma", "rho", "eps", "min_beta")
-            for part, v in zip(("hi", "lo"), split_float(getattr(k, name)))}
+def _config_floats(k: KernelArgs) -> dict[str, tuple[float, float]]:
+    """gamma, rho, eps and min_beta as the kernels take them: split_float pairs, by name."""
+    return {name: split_float(getattr(k, name)) for name in ("gamma", "rho", "eps", "min_beta")}
 
 
 def _common(x: StepInputs):
@@ -497,12 +496,14 @@ def _fused_fwd(x: StepInputs, cfg: DAMOConfig):
     k = kernel_args(cfg, N)
     out, grad_u, dl_du = _outputs(N, _acc(x.pc.dtype), x.pc.device)
     beta_t, step_t, beta_s, stride_beta, step_s, has_beta_t, step_is_t, fp64 = _common(x)
+    f = _config_floats(k)
     _damo_step_kernel[(1,)](
         x.pc, x.pr, x.rc, x.rr, beta_t, x.alpha_d if x.alpha_d is not None else x.pc,
         x.weights if x.weights is not None else x.pc, x.g, step_t,
         out.loss, out.losses, out.keep, out.beta, out.chosen_rewards, out.rejected_rewards, out.margins,
         out.accuracies, grad_u, dl_du, x.g_out, out.alpha_m,
-        N, k.K, *beta_s, stride_beta, seed=int(x.seed), step_scalar=step_s, **_config_floats(k), PAPER=k.paper, SELECT=k.select, LOSS_KIND=k.loss_kind, USE_M=k.use_m,
+        N, k.K, *beta_s, stride_beta, *f["gamma"], *f["rho"], *f["eps"], *f["min_beta"], int(x.seed), step_s,
+        PAPER=k.paper, SELECT=k.select, LOSS_KIND=k.loss_kind, USE_M=k.use_m,
         USE_D=cfg.use_alpha_d and x.alpha_d is not None, COMBINE_SUM=k.combine_sum,
         HAS_BETA_T=has_beta_t, HAS_W=x.weights is not None, STEP_IS_T=step_is_t,
         INCR_STEP=x.incr_step and step_is_t, ACC_FP64=fp64, **_one_program(N))
@@ -514,6 +515,7 @@ def _multi_program_fwd(x: StepInputs, cfg: DAMOConfig):
     k = kernel_args(cfg, N)
     out, grad_u, dl_du = _outputs(N, dt, dev)
     beta_t, step_t, beta_s, stride_beta, step_s, has_beta_t, step_is_t, fp64 = _common(x)
+    f = _config_floats(k)
     P, launch = _grid(N)
     blocks = dict(launch, P_BLOCK=max(16, next_power_of_2(P)))
     part = torch.empty((6, P), dtype=dt, device=dev)
@@ -533,11 +535,11 @@ def _multi_program_fwd(x: StepInputs, cfg: DAMOConfig):
     _mp_loss_kernel[(P,)](
         *inputs, x.alpha_d if x.alpha_d is not None else x.pc, x.weights if x.weights is not None else x.pc, x.g,
         part, out.keep, out.losses, out.beta, out.chosen_rewards, out.rejected_rewards, out.margins,
-        out.accuracies, grad_u, dl_du, N, P, k.K, *beta_s, stride_beta, *split_float(k.rho), *split_float(k.eps),
-        *split_float(k.min_beta), PAPER=k.paper, LOSS_KIND=k.loss_kind, USE_M=k.use_m, USE_D=cfg.use_alpha_d and x.alpha_d is not None,
+        out.accuracies, grad_u, dl_du, N, P, k.K, *beta_s, stride_beta, *f["rho"], *f["eps"], *f["min_beta"],
+        PAPER=k.paper, LOSS_KIND=k.loss_kind, USE_M=k.use_m, USE_D=cfg.use_alpha_d and x.alpha_d is not None,
         COMBINE_SUM=k.combine_sum, HAS_BETA_T=has_beta_t, HAS_W=x.weights is not None, ACC_FP64=fp64, **blocks)
     inv_denom = torch.empty((), dtype=dt, device=dev)
-    _mp_finish_kernel[(1,)](x.g, step_t, part, out.loss, inv_denom, x.g_out, out.alpha_m, N, P, k.K, *split_float(k.gamma),
+    _mp_finish_kernel[(1,)](x.g, step_t, part, out.loss, inv_denom, x.g_out, out.alpha_m, N, P, k.K, *f["gamma"],
                             PAPER=k.paper, USE_M=k.use_m, INCR_STEP=x.incr_step and step_is_t, ACC_FP64=fp64,
                             P_BLOCK=blocks["P_BLOCK"])
     return _finish_outputs(out), grad_u, dl_du, inv_denom
