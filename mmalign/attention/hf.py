@@ -26,7 +26,7 @@ import contextvars
 
 import torch
 
-from .masked import masked_attention, tensor_version
+from .masked import LastCall, masked_attention
 
 NAME = "mmalign_masked"
 _MASK: contextvars.ContextVar = contextvars.ContextVar("mmalign_hidden_keys", default=(None, None))
@@ -53,20 +53,18 @@ def _extend(mask: torch.Tensor | None, length: int, device) -> torch.Tensor | No
     return torch.nn.functional.pad(mask, (0, length - mask.shape[1]), value=True)
 
 
-# (the source tensors, their versions and shapes, the masks made of them) of the last call: the layers
-# of one forward pass the same tensors, so they get the same key_keep object, which masked_attention's
-# own prepared_keys then reuses too
-_LAST_MASKS: list = [None]
+# the layers of one forward pass the same tensors, so they get the same key_keep object, whose kernel-side
+# preparation masked_attention then reuses too
+_MASKS = LastCall()
 
 
 def _layer_masks(keep, scope, attention_mask, Tk: int, Tq: int, device):
     """(key_keep (B, Tk), query_scope (B, Tq)) for one layer's call, bool or None."""
-    sources = (keep, scope, attention_mask)
-    versions = tuple(tensor_version(t) for t in sources)
-    key = (versions, Tk, Tq, device) if None not in versions else None  # None: an inference tensor
-    last = _LAST_MASKS[0]
-    if key is not None and last is not None and last[1] == key and all(a is b for a, b in zip(last[0], sources)):
-        return last[2]
+    return _MASKS.get((keep, scope, attention_mask), (Tk, Tq, device),
+                      lambda: _build_masks(keep, scope, attention_mask, Tk, Tq, device))
+
+
+def _build_masks(keep, scope, attention_mask, Tk: int, Tq: int, device):
     key_keep = _extend(keep, Tk, device)
     if attention_mask is not None:
         pad = attention_mask[:, -Tk:].to(torch.bool)
@@ -76,7 +74,6 @@ def _layer_masks(keep, scope, attention_mask, Tk: int, Tq: int, device):
         query_scope = query_scope[:, Tk - Tq:]
         if key_keep is None:
             query_scope = None
-    _LAST_MASKS[0] = (sources, key, (key_keep, query_scope)) if key is not None else None
     return key_keep, query_scope
 
 

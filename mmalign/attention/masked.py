@@ -172,10 +172,6 @@ def kept_key_index(key_keep: torch.Tensor):
     return idx, torch.nn.functional.pad(kept_upto, (1, 0)).contiguous()
 
 
-# (key_keep, its version, prepared) of the last call: every layer of a model's forward passes the same mask
-_LAST_KEYS: list = [None]
-
-
 def tensor_version(t: torch.Tensor | None):
     """t's version counter (bumped by every in-place change), -1 for None, None for an inference tensor
     (made under torch.inference_mode: it has no counter, so nothing made from it can be reused safely)."""
@@ -184,17 +180,32 @@ def tensor_version(t: torch.Tensor | None):
     return None if t.is_inference() else t._version
 
 
+class LastCall:
+    """The result of the last call, given again while the same tensors (the same objects at the same
+    versions: an in-place change bumps it) and the same other arguments come back: the layers of one
+    forward pass the same masks. Inference tensors have no version and are never reused. The tensors held
+    here keep their ids from being reused."""
+
+    def __init__(self):
+        self._last = None  # (tensors, key, value)
+
+    def get(self, tensors: tuple, args: tuple, build):
+        versions = tuple(tensor_version(t) for t in tensors)
+        key = None if None in versions else (versions, args)
+        last = self._last
+        if key is not None and last is not None and last[1] == key and all(a is b for a, b in zip(last[0], tensors)):
+            return last[2]
+        value = build()
+        self._last = (tensors, key, value) if key is not None else None
+        return value
+
+
+_PREPARED = LastCall()
+
+
 def prepared_keys(key_keep: torch.Tensor):
-    """(key_keep as int8, IDX, COUNT) for the kernel. The layers of one forward pass the same mask, so the
-    last result is reused while ``key_keep`` is the same tensor at the same version (an in-place change
-    bumps it; inference tensors have no version and are prepared every time); the reference held here
-    keeps its id from being reused."""
-    version, last = tensor_version(key_keep), _LAST_KEYS[0]
-    if version is not None and last is not None and last[0] is key_keep and last[1] == version:
-        return last[2]
-    prepared = (key_keep.to(torch.int8).contiguous(), *kept_key_index(key_keep))
-    _LAST_KEYS[0] = (key_keep, version, prepared) if version is not None else None
-    return prepared
+    """(key_keep as int8, IDX, COUNT) for the kernel, reused for the same mask (LastCall)."""
+    return _PREPARED.get((key_keep,), (), lambda: (key_keep.to(torch.int8).contiguous(), *kept_key_index(key_keep)))
 
 
 def default_splits(B: int, Hq: int, Tq: int, Tk: int, block_m: int, device) -> int:
