@@ -132,7 +132,8 @@ def _add_job_io(p, layouts=("auto", "canonical", "rlaif-v", "povid", "vlfeedback
     p.add_argument("--layout", default="auto", choices=layouts)
     p.add_argument("--columns", help="map canonical names to columns: prompt=question,chosen=answer_good,...")
     p.add_argument("--split", help="split of a saved DatasetDict (default train)")
-    p.add_argument("--device", help="default: cuda:LOCAL_RANK when available, else cpu")
+    p.add_argument("--device", help="cpu, cuda (this process's GPU, cuda:LOCAL_RANK) or cuda:N "
+                                    "(default: cuda:LOCAL_RANK when available, else cpu)")
     p.add_argument("--strict", action="store_true", help="stop at the first bad record")
     p.add_argument("--shard", help="I/N: this process does records i with i %% N == I (default: torchrun's rank)")
     p.add_argument("--overwrite", action="store_true", help="redo a finished job")

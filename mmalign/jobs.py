@@ -267,12 +267,14 @@ class JobSpec:
 
 
 def default_device(device: str | None = None) -> str:
-    """``device`` if given, else this process's GPU (``cuda:LOCAL_RANK``, as torchrun sets it) or the CPU."""
+    """``device`` if given, else this process's GPU (``cuda:LOCAL_RANK``, as torchrun sets it) or the CPU;
+    ``"cuda"`` alone also means this process's GPU (under torchrun, every rank its own)."""
     import torch
 
+    local_gpu = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
     if device:
-        return device
-    return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
+        return local_gpu if device == "cuda" else device
+    return local_gpu if torch.cuda.is_available() else "cpu"
 
 
 def input_params(input, *, layout: str, columns: dict | None, split: str | None, images: str | None) -> dict:

@@ -157,8 +157,6 @@ def _offloads(ds: dict) -> bool:
 
 def train_device(cfg: TrainConfig) -> torch.device:
     """cfg.device ("cuda" alone means this process's GPU, cuda:LOCAL_RANK), else the GPU when there is one."""
-    if cfg.device == "cuda":
-        return torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
     return torch.device(jobs.default_device(cfg.device))
 
 

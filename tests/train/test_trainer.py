@@ -14,7 +14,7 @@ from mmalign.cli import main  # noqa: E402
 from mmalign.prompts import PromptEncoder, load_model  # noqa: E402
 from mmalign.train import Trainer, TrainConfig, encode_pair, pair_logps  # noqa: E402
 from mmalign.train.trainer import _free_port, _init_distributed, train_device  # noqa: E402
-from mmalign import data  # noqa: E402
+from mmalign import data, jobs  # noqa: E402
 
 from ..bdhs import _models as M  # noqa: E402
 from ..hardness import _fixtures as fx  # noqa: E402
@@ -162,6 +162,7 @@ def test_device_and_process_group(monkeypatch):
             TrainConfig(model="m", data="x", device="cuda:0").validate()
     monkeypatch.setenv("LOCAL_RANK", "3")
     assert train_device(TrainConfig(device="cuda")) == torch.device("cuda:3")
+    assert jobs.default_device("cuda") == "cuda:3" and jobs.default_device("cuda:1") == "cuda:1"  # every job
     assert train_device(TrainConfig(device="cpu")) == torch.device("cpu")
     # a single-process job takes a free port, not a fixed one that a second job on the machine would hold
     monkeypatch.delenv("MASTER_PORT", raising=False)
