@@ -150,6 +150,25 @@ def deepspeed_config(cfg: TrainConfig) -> dict:
     return ds
 
 
+def training_dtype(ds: dict, model: torch.nn.Module) -> torch.dtype:
+    """The dtype the policy runs in under DeepSpeed: bf16 or fp16 when the config enables it (DeepSpeed casts
+    the model), else the model's own floating dtype."""
+    for key, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
+        if (ds.get(key) or {}).get("enabled") is True:
+            return dtype
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+
+
+def _frozen_copy(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """The live reference: a frozen copy of the initial policy whose parameters are cast as DeepSpeed casts the
+    policy's (buffers such as rotary frequencies keep their dtype), so both give the same log-probs at step 0."""
+    reference = copy.deepcopy(model).eval().requires_grad_(False)
+    for p in reference.parameters():
+        if p.is_floating_point():
+            p.data = p.data.to(dtype)
+    return reference
+
+
 def _offloads(ds: dict) -> bool:
     device = (ds.get("zero_optimization", {}).get("offload_optimizer") or {}).get("device", "none")
     return device not in (None, "none")
@@ -196,16 +215,18 @@ class Trainer:
             raise ValueError("processor: give the model's processor (or tokenizer) with the model")
         model.train()
         if cfg.gradient_checkpointing:
-            model.gradient_checkpointing_enable()
+            # transformers >= 5.2x names it activation_checkpointing_enable (the old name warns)
+            getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)()
             model.config.use_cache = False
+        self.ds_config = deepspeed_config(cfg)
+        dtype = training_dtype(self.ds_config, model)
         self.reference = None
         if cfg.reference == "model":
-            self.reference = copy.deepcopy(model).eval().requires_grad_(False)
+            self.reference = _frozen_copy(model, dtype)
         self.encoder = PromptEncoder(processor, template=cfg.prompt_template, images=cfg.images, device=device,
-                                     dtype=torch.bfloat16 if cfg.bf16 else torch.float32)
+                                     dtype=dtype)
         self.records, self.skipped = self._load_records()
         self.loss_fn = loss_module(cfg).to(device)
-        self.ds_config = deepspeed_config(cfg)
         self.zero3 = int(self.ds_config.get("zero_optimization", {}).get("stage", 0)) == 3
         self.engine = self._engine(model)
         if self.reference is not None and self.zero3:
