@@ -3,8 +3,9 @@
 Same result as ``sequence_logps(hidden @ weight.T + bias, labels)`` without ever holding the logits of
 all tokens: only positions whose label is not ignored are gathered (prompt and image positions cost
 nothing), and those are processed in chunks of ``chunk`` rows: logits of one chunk (matmul in the
-hidden states' dtype), then the fused log-prob kernel of ``sequence_logps``. Backward recomputes each
-chunk's logits, turns them into their gradient in place (kernel ``bwd`` in place), and accumulates
+hidden states' dtype; fp32 for fp16/bf16 on CPU), then the fused log-prob kernel of ``sequence_logps``.
+Backward recomputes each chunk's logits, turns them into their gradient in place (kernel ``bwd`` in
+place), and accumulates
 grad_hidden, grad_weight and grad_bias: 4 matmuls of (M x V x H) per step instead of 3, memory
 O(chunk x V) instead of O(B x T x V).
 """
@@ -51,6 +52,18 @@ def _linear(h, weight, bias):
     return torch.addmm(bias, h, weight.T) if bias is not None else h @ weight.T
 
 
+def _work_dtype(weight: torch.Tensor) -> torch.dtype:
+    """The dtype of the chunk matmuls: the weight's, except fp16/bf16 on CPU, which run in fp32. CPU GEMMs
+    in half precision are slow or pathological without native support (bf16 (512 x 32000) @ (32000 x 256)
+    took 12 s on an AVX2 EPYC against 0.16 s upcast to fp32, torch 2.14)."""
+    half = weight.dtype in (torch.float16, torch.bfloat16)
+    return torch.float32 if half and weight.device.type == "cpu" else weight.dtype
+
+
+def _as(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    return None if t is None else t.to(dtype)
+
+
 class FusedLinearTokenLogpsFunction(torch.autograd.Function):
     """(M, H) selected hidden rows, (V, H) weight, (V,) bias or None, (M,) labels -> (M,) log-probs.
 
@@ -63,9 +76,11 @@ class FusedLinearTokenLogpsFunction(torch.autograd.Function):
         M = h.shape[0]
         tok = h.new_empty(M, dtype=acc_dtype(h.dtype))
         lse = torch.empty_like(tok)
+        work = _work_dtype(weight)
+        w, b = weight.to(work), _as(bias, work)
         for s in range(0, M, chunk):
             e = min(M, s + chunk)
-            z = _linear(h[s:e], weight, bias).unsqueeze(0)
+            z = _linear(h[s:e].to(work), w, b).unsqueeze(0)
             t, l = FORWARD[backend](z, labels[s:e].unsqueeze(0), ignore_index)
             tok[s:e], lse[s:e] = t[0], l[0]
         ctx.save_for_backward(h, weight, bias, labels, lse)
@@ -79,23 +94,29 @@ class FusedLinearTokenLogpsFunction(torch.autograd.Function):
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         M = h.shape[0]
         grad = grad_tok.to(lse.dtype).contiguous()
-        wide = accumulate_fp32 and M > chunk and weight.dtype in (torch.float16, torch.bfloat16)
-        acc = torch.float32 if wide else weight.dtype
+        work = _work_dtype(weight)
+        w, b = weight.to(work), _as(bias, work)
+        wide = accumulate_fp32 and M > chunk and work in (torch.float16, torch.bfloat16)
+        acc = torch.float32 if wide else work
         grad_h = torch.empty_like(h) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
         grad_b = torch.zeros(bias.shape, dtype=acc, device=bias.device) if need_b else None
         for s in range(0, M, chunk):
             e = min(M, s + chunk)
-            z = _linear(h[s:e], weight, bias).unsqueeze(0)
+            hc = h[s:e].to(work)
+            z = _linear(hc, w, b).unsqueeze(0)
             dz = BACKWARD[backend](grad[s:e].unsqueeze(0), z, labels[s:e].unsqueeze(0), lse[s:e].unsqueeze(0),
                                    ignore_index, True)[0]
             if need_h:
-                torch.mm(dz, weight, out=grad_h[s:e])
+                if work == h.dtype:
+                    torch.mm(dz, w, out=grad_h[s:e])
+                else:
+                    grad_h[s:e] = dz @ w
             if need_w:
                 if wide:
-                    _add_product_fp32(grad_w, dz.T, h[s:e])
+                    _add_product_fp32(grad_w, dz.T, hc)
                 else:
-                    grad_w.addmm_(dz.T, h[s:e])
+                    grad_w.addmm_(dz.T, hc)
             if need_b:
                 grad_b += dz.sum(0, dtype=acc)
         grad_w = grad_w.to(weight.dtype) if grad_w is not None else None

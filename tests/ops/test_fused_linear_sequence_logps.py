@@ -108,6 +108,25 @@ def test_noncontiguous_hidden(rng):
                                _reference(hidden, weight, b, labels)[0])
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_on_cpu_multiplies_in_fp32(rng, dtype):
+    """CPU half-precision GEMMs are slow (or pathological: bf16 on AVX2), so on CPU the chunk matmuls of
+    fp16/bf16 inputs run in fp32: the result is that of the fp32 op on the same (rounded) values, and the
+    gradients are its gradients rounded once to the inputs' dtype."""
+    hidden, weight, b, labels = _inputs(rng, 2, 9, 16, 300, "cpu", dtype=dtype)
+    results = []
+    for cast in (lambda t: t, lambda t: t.float()):
+        leaves = [cast(t).detach().requires_grad_() for t in (hidden, weight, b)]
+        out = F.fused_linear_sequence_logps(*leaves[:2], labels, bias=leaves[2], chunk_size=5, backend="cpp")
+        out.sum().backward()
+        results.append((out, *[t.grad for t in leaves]))
+    (out, *grads), (ref, *ref_grads) = results
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+    for grad, ref_grad in zip(grads, ref_grads):
+        assert grad.dtype == dtype
+        torch.testing.assert_close(grad, ref_grad.to(dtype), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("bad,match", [
     (lambda h, w, b, y: (h[0], w, y, b), "hidden: expected 3 dimensions"),
     (lambda h, w, b, y: (h, w[:, :-1], y, b), r"weight: expected shape \(\*, 16\)"),
