@@ -8,7 +8,19 @@ Models built from configs with random weights, synthetic caption pairs, referenc
 frozen copy of the initial model in both. kind="text": a Llama; kind="vlm": a LLaVA with 576 image
 tokens (336 px, 14 px patches), the same prompt format on both sides (a chat template on the processor).
 CPU: 4-layer 256-wide decoder, 32k vocabulary, 8 pairs per step, fp32. GPU: 16-layer 2048-wide (~1B),
-8 pairs, bf16. pairs/s = steps x pairs / time."""
+8 pairs, bf16 mixed precision. pairs/s = steps x pairs / time. Memory: everything the trainer holds at
+its peak, i.e. what its construction left allocated (both models, and what DeepSpeed allocates up front:
+bf16 mode's fp32 master weights) plus the peak of train() above that (activations, gradients, the
+optimizer moments both create at the first step).
+
+The two do the same work in the same precision:
+- No gradient checkpointing on either side (TRL >= 1.0 turns it on by default: it is turned off here).
+- bf16 is mixed precision on both sides: fp32 master weights and fp32 Adam moments, bf16 compute. mmalign
+  through DeepSpeed's bf16 mode (bf16 weights, fp32 master copy); TRL through the Hugging Face Trainer's
+  (an fp32 policy under bf16 autocast). A policy loaded in bf16 would make TRL train in pure bf16, whose
+  weights cannot take DPO-sized updates (lr 5e-7 is below bf16's resolution). The frozen reference is bf16
+  on both sides. MMALIGN_BENCH_PRECISION=fp32|bf16 overrides the device's default (a CPU check of the
+  GPU setup)."""
 import json
 import os
 import tempfile
@@ -17,6 +29,7 @@ import pytest
 import torch
 
 from mmalign import synthetic
+from mmalign._measure import memory_left
 
 from conftest import run_case
 
@@ -40,7 +53,8 @@ def _setup(device, quick, kind):
                 num_hidden_layers=16 if gpu else (2 if quick else 4), num_attention_heads=16 if gpu else 4,
                 num_key_value_heads=8 if gpu else 2, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
                 bos_token_id=tok.bos_token_id)
-    dtype = torch.bfloat16 if gpu else torch.float32
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[os.environ.get("MMALIGN_BENCH_PRECISION",
+                                                                          "bf16" if gpu else "fp32")]
     processor = tok
     if kind == "vlm":
         vision = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
@@ -55,7 +69,7 @@ def _setup(device, quick, kind):
     else:
         cfg = LlamaConfig(**text)
 
-    def model():
+    def model(dtype=dtype):
         torch.manual_seed(0)
         cls = LlavaForConditionalGeneration if kind == "vlm" else LlamaForCausalLM
         return cls._from_config(cfg, attn_implementation="sdpa").to(device, dtype)
@@ -96,8 +110,10 @@ def test_trainer_steps(benchmark, device, quick, provider, kind):
             args = trl.DPOConfig(output_dir=os.path.join(work, "trl"), per_device_train_batch_size=pairs,
                                  max_steps=STEPS, learning_rate=1e-5, beta=0.1, report_to=[], save_strategy="no",
                                  use_cpu=device == "cpu", bf16=dtype == torch.bfloat16, logging_steps=STEPS,
-                                 disable_tqdm=True, max_length=None if kind == "vlm" else 128)
-            return (trl.DPOTrainer(model=model(), ref_model=model(), args=args, train_dataset=ds,
+                                 disable_tqdm=True, max_length=None if kind == "vlm" else 128,
+                                 gradient_checkpointing=False)
+            # bf16: an fp32 policy under autocast (mixed precision, as DeepSpeed's bf16 mode), a bf16 reference
+            return (trl.DPOTrainer(model=model(torch.float32), ref_model=model(), args=args, train_dataset=ds,
                                    processing_class=tok),)
     else:
         pytest.importorskip("deepspeed")
@@ -108,10 +124,18 @@ def test_trainer_steps(benchmark, device, quick, provider, kind):
                               images=os.path.join(work, "images"),
                               loss=provider.split("-")[1], reference="model", micro_batch_size=pairs, max_steps=STEPS,
                               lr=1e-5, bf16=dtype == torch.bfloat16, progress=False, tensorboard=False,
-                              resume=False, save_final=False, max_length=1024 if kind == "vlm" else 128)
-            return (Trainer(cfg, model=model(), processor=tok),)
+                              resume=False, save_final=False, max_length=1024 if kind == "vlm" else 128,
+                              gradient_checkpointing=False)
+            return (Trainer(cfg, model=model(torch.float32), processor=tok),)  # DeepSpeed casts it for bf16
 
-    benchmark.group = f"trainer ({kind}) {STEPS} steps x {pairs} pairs"
-    run_case(benchmark, device, lambda t: t.train(), make, op="trainer", mode=f"{STEPS} steps", provider=provider,
+    held = []
+
+    def built():  # what the trainer holds before train(): models, DeepSpeed's master weights and buffers
+        trainer, left = memory_left(make, device)
+        held.append(left)
+        return trainer
+
+    benchmark.group = f"trainer ({kind}) {STEPS} steps x {pairs} pairs, memory: all the trainer holds at its peak"
+    run_case(benchmark, device, lambda t: t.train(), built, op="trainer", mode=f"{STEPS} steps", provider=provider,
              shape=f"{kind} {STEPS} steps x {pairs} pairs {str(dtype).replace('torch.', '')}", pairs=STEPS * pairs,
-             rounds=1 if device == "cpu" else 2)
+             rounds=1 if device == "cpu" else 2, held_bytes=lambda: held[-1])

@@ -52,8 +52,11 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def run_case(benchmark, device, fn, setup, *, bytes_moved: int = 0, rounds: int | None = None, **info):
-    """Time ``fn(*setup())``; record peak memory above inputs and effective bandwidth in extra_info."""
+def run_case(benchmark, device, fn, setup, *, bytes_moved: int = 0, rounds: int | None = None, held_bytes=None,
+             **info):
+    """Time ``fn(*setup())``; record peak memory above inputs and effective bandwidth in extra_info.
+    ``held_bytes()``, when given, is what the inputs themselves hold (a trainer's models and optimizer state),
+    added to the peak: the memory column then counts everything, not only what the call allocates."""
     def timed(*args):
         out = fn(*args)
         sync(device)
@@ -66,6 +69,9 @@ def run_case(benchmark, device, fn, setup, *, bytes_moved: int = 0, rounds: int 
     sync(device)
     _, peak = peak_memory_above(lambda: timed(*args), device)
     del args
+    if held_bytes is not None:
+        info.update(held_bytes=int(held_bytes()), peak_above_held_bytes=int(peak))
+        peak += info["held_bytes"]
     benchmark.extra_info.update(info)
     benchmark.extra_info.update({"device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
                                  "versions": _versions(),

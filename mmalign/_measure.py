@@ -1,8 +1,9 @@
-"""Peak memory above what is allocated before a call, on CPU and CUDA (benchmarks and the demo).
+"""Memory a call allocates, on CPU and CUDA (benchmarks and the demo): its peak above what was allocated
+before it, and what it leaves allocated when it returns.
 
-CUDA: the caching allocator's peak counter. CPU: torch has no such counter, so the call runs under
-torch.profiler with ``profile_memory=True`` and the peak of the running sum of its allocation events is
-taken (allocations made by torch's CPU allocator; numpy or Python objects are not counted)."""
+CUDA: the caching allocator's counters. CPU: torch has no such counter, so the call runs under
+torch.profiler with ``profile_memory=True`` and the running sum of its allocation events is walked
+(allocations made by torch's CPU allocator; numpy or Python objects are not counted)."""
 from __future__ import annotations
 
 import os
@@ -10,8 +11,8 @@ import os
 import torch
 
 
-def peak_memory_above(fn, device) -> tuple[object, int]:
-    """Run ``fn()`` once; return (its result, peak bytes allocated above the state before the call)."""
+def _measured(fn, device) -> tuple[object, int, int]:
+    """Run ``fn()`` once: (its result, peak bytes above the state before, bytes still allocated after)."""
     dev = torch.device(device)
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
@@ -19,7 +20,7 @@ def peak_memory_above(fn, device) -> tuple[object, int]:
         base = torch.cuda.memory_allocated(dev)
         out = fn()
         torch.cuda.synchronize(dev)
-        return out, torch.cuda.max_memory_allocated(dev) - base
+        return out, torch.cuda.max_memory_allocated(dev) - base, torch.cuda.memory_allocated(dev) - base
     from torch.profiler import ProfilerActivity, profile
 
     os.environ.setdefault("KINETO_LOG_LEVEL", "5")
@@ -31,4 +32,17 @@ def peak_memory_above(fn, device) -> tuple[object, int]:
     for _, nbytes in events:
         running += nbytes
         peak = max(peak, running)
+    return out, peak, running
+
+
+def peak_memory_above(fn, device) -> tuple[object, int]:
+    """Run ``fn()`` once; return (its result, peak bytes allocated above the state before the call)."""
+    out, peak, _ = _measured(fn, device)
     return out, peak
+
+
+def memory_left(fn, device) -> tuple[object, int]:
+    """Run ``fn()`` once; return (its result, bytes it allocated that are still allocated when it returns):
+    what an object built by ``fn`` holds (a trainer's models, optimizer state, buffers)."""
+    out, _, left = _measured(fn, device)
+    return out, left
