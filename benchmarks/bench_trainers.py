@@ -139,4 +139,4 @@ def test_trainer_steps(benchmark, device, quick, provider, kind):
     benchmark.group = f"trainer ({kind}) {STEPS} steps x {pairs} pairs, memory: all the trainer holds at its peak"
     run_case(benchmark, device, lambda t: t.train(), built, op="trainer", mode=f"{STEPS} steps", provider=provider,
              shape=f"{kind} {STEPS} steps x {pairs} pairs {str(dtype).replace('torch.', '')}", pairs=STEPS * pairs,
-             rounds=2 if device == "cuda" else (3 if kind == "text" else 1), held_bytes=lambda: held[-1])
+             rounds=2 if device == "cuda" else (3 if kind == "text" else 1), held_bytes=lambda: held[-1], collect=True)

@@ -4,6 +4,7 @@ Options: --bench-device cpu|cuda (default: cuda when available), --quick (smalle
 Every case runs through ``run_case``: a warm-up call, one call under the memory meter (peak bytes above
 what was allocated before; stored in extra_info), then pedantic rounds timed by pytest-benchmark with a
 CUDA synchronize inside the timed function. Fresh inputs per round come from ``setup`` (untimed)."""
+import gc
 import os
 
 import pytest
@@ -53,10 +54,12 @@ def sync(device):
 
 
 def run_case(benchmark, device, fn, setup, *, bytes_moved: int = 0, rounds: int | None = None, held_bytes=None,
-             **info):
+             collect: bool = False, **info):
     """Time ``fn(*setup())``; record peak memory above inputs and effective bandwidth in extra_info.
     ``held_bytes()``, when given, is what the inputs themselves hold (a trainer's models and optimizer state),
-    added to the peak: the memory column then counts everything, not only what the call allocates."""
+    added to the peak: the memory column then counts everything, not only what the call allocates.
+    ``collect``: run Python's garbage collector before each round (untimed), so that large object graphs of
+    earlier rounds (trainers) are not collected inside a timed one."""
     def timed(*args):
         out = fn(*args)
         sync(device)
@@ -78,6 +81,8 @@ def run_case(benchmark, device, fn, setup, *, bytes_moved: int = 0, rounds: int 
                                  "peak_mem_bytes": int(peak), "bytes_moved_min": int(bytes_moved)})
     rounds = rounds or (20 if device == "cuda" else 3)
     def fresh():  # untimed; synchronized so that e.g. a clone's kernel does not run into the timed region
+        if collect:
+            gc.collect()
         args = setup()
         sync(device)
         return args, {}

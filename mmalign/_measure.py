@@ -6,13 +6,17 @@ torch.profiler with ``profile_memory=True`` and the running sum of its allocatio
 (allocations made by torch's CPU allocator; numpy or Python objects are not counted)."""
 from __future__ import annotations
 
+import gc
 import os
 
 import torch
 
 
 def _measured(fn, device) -> tuple[object, int, int]:
-    """Run ``fn()`` once: (its result, peak bytes above the state before, bytes still allocated after)."""
+    """Run ``fn()`` once: (its result, peak bytes above the state before, bytes still allocated after).
+    Unreachable objects are collected first: freed inside the window, their tensors would count against
+    ``fn`` (a previous trainer's models collected during the next one's construction)."""
+    gc.collect()
     dev = torch.device(device)
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
