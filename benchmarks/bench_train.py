@@ -34,7 +34,8 @@ def _model(device, quick):
     cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_id=31999, vision_feature_layer=-1)
     torch.manual_seed(0)
     dtype = torch.bfloat16 if gpu else torch.float32
-    return LlavaForConditionalGeneration._from_config(cfg, attn_implementation="sdpa").to(device, dtype), dtype
+    with torch.device(device):  # a ~1B random init on the host takes seconds
+        return LlavaForConditionalGeneration._from_config(cfg, attn_implementation="sdpa").to(device, dtype), dtype
 
 
 def _examples(device, dtype, n, quick):

@@ -69,10 +69,11 @@ def _setup(device, quick, kind):
     else:
         cfg = LlamaConfig(**text)
 
-    def model(dtype=dtype):
+    def model(dtype=dtype):  # built on the device: a ~1B random init on the host takes seconds, 8 per case
         torch.manual_seed(0)
         cls = LlavaForConditionalGeneration if kind == "vlm" else LlamaForCausalLM
-        return cls._from_config(cfg, attn_implementation="sdpa").to(device, dtype)
+        with torch.device(device):
+            return cls._from_config(cfg, attn_implementation="sdpa").to(device, dtype)
 
     work = tempfile.mkdtemp(prefix="mmalign-bench-trainers-")
     rows = synthetic.make_pairs(64, __import__("pathlib").Path(work) / "images")
