@@ -5,9 +5,8 @@ all tokens: only positions whose label is not ignored are gathered (prompt and i
 nothing), and those are processed in chunks of ``chunk`` rows: logits of one chunk (matmul in the
 hidden states' dtype; fp32 for fp16/bf16 on CPU), then the fused log-prob kernel of ``sequence_logps``.
 Backward recomputes each chunk's logits, turns them into their gradient in place (kernel ``bwd`` in
-place), and accumulates
-grad_hidden, grad_weight and grad_bias: 4 matmuls of (M x V x H) per step instead of 3, memory
-O(chunk x V) instead of O(B x T x V).
+place), and accumulates grad_hidden, grad_weight and grad_bias: 4 matmuls of (M x V x H) per step
+instead of 3, memory O(chunk x V) instead of O(B x T x V).
 """
 from __future__ import annotations
 
@@ -52,16 +51,13 @@ def _linear(h, weight, bias):
     return torch.addmm(bias, h, weight.T) if bias is not None else h @ weight.T
 
 
-def _work_dtype(weight: torch.Tensor) -> torch.dtype:
-    """The dtype of the chunk matmuls: the weight's, except fp16/bf16 on CPU, which run in fp32. CPU GEMMs
-    in half precision are slow or pathological without native support (bf16 (512 x 32000) @ (32000 x 256)
-    took 12 s on an AVX2 EPYC against 0.16 s upcast to fp32, torch 2.14)."""
+def _in_work_dtype(weight: torch.Tensor, bias: torch.Tensor | None):
+    """(dtype of the chunk matmuls, weight and bias in it): the weight's own, except fp16/bf16 on CPU, which
+    run in fp32. CPU GEMMs in half precision are slow or pathological without native support (bf16
+    (512 x 32000) @ (32000 x 256) took 12 s on an AVX2 EPYC against 0.16 s upcast to fp32, torch 2.14)."""
     half = weight.dtype in (torch.float16, torch.bfloat16)
-    return torch.float32 if half and weight.device.type == "cpu" else weight.dtype
-
-
-def _as(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
-    return None if t is None else t.to(dtype)
+    work = torch.float32 if half and weight.device.type == "cpu" else weight.dtype
+    return work, weight.to(work), None if bias is None else bias.to(work)
 
 
 class FusedLinearTokenLogpsFunction(torch.autograd.Function):
@@ -76,8 +72,7 @@ class FusedLinearTokenLogpsFunction(torch.autograd.Function):
         M = h.shape[0]
         tok = h.new_empty(M, dtype=acc_dtype(h.dtype))
         lse = torch.empty_like(tok)
-        work = _work_dtype(weight)
-        w, b = weight.to(work), _as(bias, work)
+        work, w, b = _in_work_dtype(weight, bias)
         for s in range(0, M, chunk):
             e = min(M, s + chunk)
             z = _linear(h[s:e].to(work), w, b).unsqueeze(0)
@@ -94,8 +89,7 @@ class FusedLinearTokenLogpsFunction(torch.autograd.Function):
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         M = h.shape[0]
         grad = grad_tok.to(lse.dtype).contiguous()
-        work = _work_dtype(weight)
-        w, b = weight.to(work), _as(bias, work)
+        work, w, b = _in_work_dtype(weight, bias)
         wide = accumulate_fp32 and M > chunk and work in (torch.float16, torch.bfloat16)
         acc = torch.float32 if wide else work
         grad_h = torch.empty_like(h) if need_h else None
