@@ -150,13 +150,14 @@ def deepspeed_config(cfg: TrainConfig) -> dict:
     return ds
 
 
-def training_dtype(ds: dict, model: torch.nn.Module) -> torch.dtype:
+def training_dtype(ds: dict, model: torch.nn.Module | None = None) -> torch.dtype:
     """The dtype the policy runs in under DeepSpeed: bf16 or fp16 when the config enables it (DeepSpeed casts
-    the model), else the model's own floating dtype."""
+    the model), else the model's own floating dtype (float32 for a model still to be loaded)."""
     for key, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
         if (ds.get(key) or {}).get("enabled") is True:
             return dtype
-    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    params = model.parameters() if model is not None else ()
+    return next((p.dtype for p in params if p.is_floating_point()), torch.float32)
 
 
 def _frozen_copy(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
@@ -498,7 +499,8 @@ def precompute_reference(cfg: TrainConfig, out: str, *, model=None, processor=No
     it is now (the DAMO and RLAIF-V recipe: the reference pass runs once). Returns the pair count."""
     device = str(train_device(cfg))
     if model is None:
-        model, processor = load_model(cfg.model, device, torch.bfloat16 if cfg.bf16 else torch.float32)
+        # the dtype training will give the policy (also a DeepSpeed JSON's bf16), so log-ratios start at 0
+        model, processor = load_model(cfg.model, device, training_dtype(deepspeed_config(cfg)))
     model.eval()
     encoder = PromptEncoder(processor, template=cfg.prompt_template, images=cfg.images, device=model.device,
                             dtype=next(model.parameters()).dtype)

@@ -194,6 +194,20 @@ def test_precomputed_reference_and_cli(setup, tmp_path, capsys):
     assert "unknown keys ['los']" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("bf16", [dict(bf16=True), dict(deepspeed={"bf16": {"enabled": True}})],
+                         ids=["flag", "deepspeed-json"])
+def test_precomputed_reference_in_the_training_dtype(setup, tmp_path, bf16):
+    """The reference pass runs in the dtype training gives the policy, whether bf16 comes from the flag or
+    from a DeepSpeed config: the first step's log-ratios are exactly 0."""
+    from mmalign.train import precompute_reference
+
+    root, model_dir = setup
+    ref = tmp_path / "ref.jsonl"
+    precompute_reference(_cfg(root, model_dir, tmp_path / "p", **bf16), str(ref))
+    rows = Trainer(_cfg(root, model_dir, tmp_path / "t", data=str(ref), reference="precomputed", **bf16)).train()
+    assert rows[0]["margin"] == 0
+
+
 def test_plot_command(tmp_path, capsys):
     for name, losses in (("a", [0.7, 0.6, 0.5]), ("b", [0.7, 0.65, 0.62])):
         (tmp_path / name).mkdir()
