@@ -124,6 +124,9 @@ def _bdhs(args) -> int:
     return _run("bdhs", start)
 
 
+DEVICE_HELP = "cpu, cuda (this process's GPU, cuda:LOCAL_RANK) or cuda:N"
+
+
 def _add_job_io(p, layouts=("auto", "canonical", "rlaif-v", "povid", "vlfeedback")) -> None:
     """The input/output/sharding flags every dataset job shares."""
     p.add_argument("input", help=".jsonl, .json, .parquet, a parquet directory or a saved Hugging Face dataset")
@@ -132,8 +135,7 @@ def _add_job_io(p, layouts=("auto", "canonical", "rlaif-v", "povid", "vlfeedback
     p.add_argument("--layout", default="auto", choices=layouts)
     p.add_argument("--columns", help="map canonical names to columns: prompt=question,chosen=answer_good,...")
     p.add_argument("--split", help="split of a saved DatasetDict (default train)")
-    p.add_argument("--device", help="cpu, cuda (this process's GPU, cuda:LOCAL_RANK) or cuda:N "
-                                    "(default: cuda:LOCAL_RANK when available, else cpu)")
+    p.add_argument("--device", help=DEVICE_HELP + " (default: cuda:LOCAL_RANK when available, else cpu)")
     p.add_argument("--strict", action="store_true", help="stop at the first bad record")
     p.add_argument("--shard", help="I/N: this process does records i with i %% N == I (default: torchrun's rank)")
     p.add_argument("--overwrite", action="store_true", help="redo a finished job")
@@ -205,8 +207,7 @@ def _add_train(sub) -> None:
     t.add_argument("--output-dir")
     t.add_argument("--deepspeed", help="a DeepSpeed JSON config, used as is ('auto' values filled)")
     t.add_argument("--zero-stage", type=int, choices=(0, 1, 2, 3))
-    t.add_argument("--device", help="cpu, cuda (this process's GPU, cuda:LOCAL_RANK) or cuda:N "
-                                    "(default: the GPU when there is one)")
+    t.add_argument("--device", help=DEVICE_HELP + " (default: the GPU when there is one)")
     t.add_argument("--bf16", action="store_true")
     t.add_argument("--offload-optimizer", action="store_true")
     t.add_argument("--gradient-checkpointing", action="store_true")
