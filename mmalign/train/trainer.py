@@ -20,7 +20,6 @@ import dataclasses
 import json
 import os
 import random
-import socket
 import sys
 import time
 from dataclasses import dataclass, field
@@ -144,8 +143,8 @@ def deepspeed_config(cfg: TrainConfig) -> dict:
     if isinstance(ds.get("bf16"), dict) and ds["bf16"].get("enabled") == "auto":
         ds["bf16"]["enabled"] = cfg.bf16
     ds.setdefault("zero_allow_untested_optimizer", True)  # the optimizer is torch's AdamW ...
-    if _offloads(ds) and not torch.cuda.is_available():
-        ds.setdefault("zero_force_ds_cpu_optimizer", False)  # ... also offloaded on a CPU-only machine
+    if _offloads(ds) and train_device(cfg).type != "cuda":
+        ds.setdefault("zero_force_ds_cpu_optimizer", False)  # ... also offloaded when training on the CPU
     ds.setdefault("steps_per_print", 10**9)
     return ds
 
@@ -180,23 +179,35 @@ def train_device(cfg: TrainConfig) -> torch.device:
     return torch.device(jobs.default_device(cfg.device))
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _use_accelerator(device: torch.device) -> None:
+    """DeepSpeed puts the model, ZeRO's buffers and the process group's device on its accelerator, which it
+    picks once per process (CUDA wherever there is a GPU). Make it the trainer's device, so that
+    ``device="cpu"`` trains on the CPU also on a GPU machine."""
+    from deepspeed.accelerator import get_accelerator, set_accelerator
+
+    if get_accelerator().device_name() == device.type:
+        return
+    if device.type == "cpu":
+        from deepspeed.accelerator.cpu_accelerator import CPU_Accelerator as Accelerator
+    else:
+        from deepspeed.accelerator.cuda_accelerator import CUDA_Accelerator as Accelerator
+    set_accelerator(Accelerator())
 
 
 def _init_distributed(device: torch.device):
-    """The process group: as a launcher (torchrun, deepspeed) set it up, else a group of one on a free port
-    (two single-process jobs on one machine must not collide on a fixed port). NCCL for GPUs, gloo on CPU."""
+    """The process group: as a launcher (torchrun, deepspeed) set it up, else a group of one over an in-memory
+    store, which binds no port (two single-process jobs on one machine, or a port picked free and taken by
+    another process before it is bound, cannot collide). NCCL for GPUs, gloo on CPU."""
     import deepspeed
 
-    if "MASTER_PORT" not in os.environ:
-        single = os.environ.get("WORLD_SIZE", "1") == "1"
-        os.environ["MASTER_PORT"] = str(_free_port()) if single else "29500"
-    for key, value in (("MASTER_ADDR", "127.0.0.1"), ("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")):
+    _use_accelerator(device)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    launched = "MASTER_PORT" in os.environ or os.environ.get("WORLD_SIZE", "1") != "1"
+    for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")):
         os.environ.setdefault(key, value)
-    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+    if not launched and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group(backend, store=torch.distributed.HashStore(), rank=0, world_size=1)
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=launched)
     return torch.distributed.get_rank(), torch.distributed.get_world_size()
 
 
@@ -206,7 +217,7 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, *, model=None, processor=None, ranker=None):
         cfg.validate()
         self.cfg = cfg
-        device = train_device(cfg)
+        self.device = device = train_device(cfg)
         self.rank, self.world = _init_distributed(device)
         if model is None:
             if not cfg.model:
@@ -247,7 +258,6 @@ class Trainer:
             from ..bdhs import BDHSConfig
 
             self.online = (BDHSConfig(**cfg.online_bdhs), similarity, loss_module(cfg).to(device))
-        self.device = device
         self.step = 0
         self.out = Path(cfg.output_dir)
         self.ckpt_dir = self.out / "checkpoints"
@@ -279,7 +289,7 @@ class Trainer:
         import deepspeed
 
         params = [p for p in model.parameters() if p.requires_grad]
-        if _offloads(self.ds_config) and torch.cuda.is_available():  # ZeRO-Offload's own CPU Adam (compiled once)
+        if _offloads(self.ds_config) and self.device.type == "cuda":  # ZeRO-Offload's own CPU Adam (compiled once)
             from deepspeed.ops.adam import DeepSpeedCPUAdam
 
             optimizer = DeepSpeedCPUAdam(params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay, adamw_mode=True)

@@ -4,6 +4,7 @@ uninterrupted run, two processes equal to one, the reference pass and the CLI.""
 import copy
 import json
 import os
+import socket
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ pytest.importorskip("deepspeed")
 from mmalign.cli import main  # noqa: E402
 from mmalign.prompts import PromptEncoder, load_model  # noqa: E402
 from mmalign.train import Trainer, TrainConfig, encode_pair, pair_logps  # noqa: E402
-from mmalign.train.trainer import _free_port, _init_distributed, train_device  # noqa: E402
+from mmalign.train.trainer import _init_distributed, train_device  # noqa: E402
 from mmalign import data, jobs  # noqa: E402
 
 from ..bdhs import _models as M  # noqa: E402
@@ -127,6 +128,13 @@ def test_resume_continues_exactly(setup, tmp_path):
         [{k: v for k, v in r.items() if k not in drop} for r in b]
 
 
+def _port() -> int:
+    """A port free now, for the two processes' rendezvous (a launcher's MASTER_PORT)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _rank_main(rank, root, model_dir, out, port):
     os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
@@ -142,7 +150,7 @@ def test_two_processes_equal_one(setup, tmp_path):
     root, model_dir = setup
     out = tmp_path / "two"
     out.mkdir()
-    mp.spawn(_rank_main, args=(root, model_dir, str(out), _free_port()), nprocs=2, join=True)
+    mp.spawn(_rank_main, args=(root, model_dir, str(out), _port()), nprocs=2, join=True)
     r0, r1 = (torch.load(out / f"rank{i}.pt") for i in range(2))
     torch.testing.assert_close(r0["params"], r1["params"], rtol=0, atol=0)
     assert r0["g"] == r1["g"]
@@ -164,12 +172,12 @@ def test_device_and_process_group(monkeypatch):
     assert train_device(TrainConfig(device="cuda")) == torch.device("cuda:3")
     assert jobs.default_device("cuda") == "cuda:3" and jobs.default_device("cuda:1") == "cuda:1"  # every job
     assert train_device(TrainConfig(device="cpu")) == torch.device("cpu")
-    # a single-process job takes a free port, not a fixed one that a second job on the machine would hold
+    # a single-process job binds no port (an in-memory store): a second job on the machine cannot collide with it
     monkeypatch.delenv("MASTER_PORT", raising=False)
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     _init_distributed(torch.device("cpu"))
-    assert 0 < int(os.environ["MASTER_PORT"]) < 65536 and os.environ["MASTER_PORT"] != "29500"
-    assert torch.distributed.get_backend() == "gloo"
+    assert "MASTER_PORT" not in os.environ
+    assert torch.distributed.get_backend() == "gloo" and torch.distributed.get_world_size() == 1
 
 
 def test_precomputed_reference_and_cli(setup, tmp_path, capsys):
