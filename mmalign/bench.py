@@ -67,7 +67,10 @@ def run(ops: list[str] | None = None, *, quick: bool = False, out: str = "bench-
            f"--benchmark-json={raw}", "--benchmark-columns=median,iqr,rounds"]
     cmd += (["--quick"] if quick else []) + (["--bench-device", device] if device else []) + list(extra_args or [])
     started = _dt.datetime.now(_dt.timezone.utc)
-    proc = subprocess.run(cmd, cwd=bench)
+    # pytest-benchmark turns itself off when it sees an xdist worker's variables (inherited when a test
+    # suite run under pytest-xdist calls this): the benchmarks run in a plain pytest of their own
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")}
+    proc = subprocess.run(cmd, cwd=bench, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"the benchmark suites failed (pytest exit code {proc.returncode}): {' '.join(cmd)}")
     if not raw.exists() or not json.loads(raw.read_text()).get("benchmarks"):

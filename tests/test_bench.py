@@ -9,7 +9,8 @@ from mmalign.cli import main
 
 def test_bench_writes_a_report_folder(tmp_path, capsys):
     out = tmp_path / "report"
-    assert main(["bench", "--ops", "preference_loss,damo_step", "--quick", "--out", str(out)]) == 0
+    assert main(["bench", "--ops", "preference_loss,damo_step", "--quick", "--bench-device", "cpu",
+                 "--out", str(out)]) == 0
     for name in ("raw.json", "report.md", "bench.png", "meta.txt"):
         assert (out / name).stat().st_size > 0
     text = (out / "report.md").read_text()
