@@ -1,8 +1,8 @@
 """Training examples and the policy's sequence log-probs for a batch of preference pairs.
 
-Chosen and rejected share the prompt and the image: the vision tower and projector run once per pair
-(the merged prompt embeddings are reused for both responses), then the 2N sequences go through the
-decoder together and the log-probs come from the final hidden states through
+Chosen and rejected share the prompt and the image: one model call embeds [prompt | chosen | rejected]
+of every pair (the vision tower and projector see each image once, not once per response), a gather lays
+out the 2N sequences, and they go through the decoder together and the log-probs come from the final hidden states through
 ``fused_linear_sequence_logps`` (no full logits; only response positions are computed). Under
 DeepSpeed ZeRO-3 the LM head's weight is partitioned and only its module call gathers it, so that
 path runs the head as a module on the response positions and then the fused log-prob kernel.
@@ -16,7 +16,7 @@ import torch
 
 from .. import data
 from .. import functional as F
-from ..bdhs.vlm import decoder_and_head, merged_embeddings
+from ..bdhs.vlm import decoder_and_head, image_token_id, merged_embeddings
 from ..prompts import PromptEncoder
 
 IGNORE = -100
@@ -72,30 +72,70 @@ def with_responses(ex: PairExample, tokenizer, max_length: int, *, chosen: str |
         chosen=ex.chosen if chosen is None else chosen, ref_chosen=None, ref_rejected=None)
 
 
-def _sequences(model, examples: list[PairExample]):
-    """(inputs_embeds (2N, T, H), attention_mask (2N, T), labels (2N, T)): chosen_i at 2i, rejected_i at 2i+1."""
+def _batched_image_inputs(examples: list[PairExample]) -> dict | None:
+    """The pairs' image inputs concatenated along dim 0 (one vision-tower call for the batch), or None where
+    they do not stack (different keys, a non-tensor value, different trailing shapes: e.g. AnyRes tile
+    counts that differ)."""
+    first = examples[0].image_inputs
+    if not first or any(set(ex.image_inputs) != set(first) for ex in examples):
+        return None
+    out = {}
+    for key, v in first.items():
+        values = [ex.image_inputs[key] for ex in examples]
+        if not all(isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[1:] == v.shape[1:] for x in values):
+            return None
+        out[key] = torch.cat(values)
+    return out
+
+
+def _pair_rows(model, examples: list[PairExample], device, *, batch_images: bool = True) -> torch.Tensor:
+    """(N, L, H): for each pair, the embeddings of [prompt | chosen | rejected] (right-padded), image features
+    in place of the image tokens. One model call for the batch (vision tower, projector, one embedding call),
+    or one per pair where the image inputs do not stack or ``batch_images`` is False."""
+    image = image_token_id(model)
+    pad = 1 if image == 0 else 0  # any id but the image token's: padding must not count as image positions
+    rows = [ex.prompt_ids.tolist() + list(ex.chosen_ids) + list(ex.rejected_ids) for ex in examples]
+    width = max(len(r) for r in rows)
+    ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows], device=device)
+    if not any(ex.image_inputs for ex in examples):
+        return merged_embeddings(model, ids)
+    batched = _batched_image_inputs(examples) if batch_images else None
+    if batched is not None:
+        return merged_embeddings(model, ids, batched)
+    return torch.cat([merged_embeddings(model, ids[i:i + 1], ex.image_inputs) for i, ex in enumerate(examples)])
+
+
+def _sequences(model, examples: list[PairExample], *, zero3: bool = False):
+    """(inputs_embeds (2N, T, H), attention_mask (2N, T), labels (2N, T)): chosen_i at 2i, rejected_i at 2i+1.
+
+    Batched, so the launches do not grow with N: one model call embeds [prompt | chosen | rejected] of every
+    pair (each image through the vision tower once; per pair where the image inputs do not stack), then one
+    gather lays out the 2N sequences [prompt | chosen] and [prompt | rejected]. Padding embeddings are zeros.
+    Under ZeRO-3 the pairs go through the model one at a time: with the batched call DeepSpeed's parameter
+    fetch trace failed in the second step's backward ("tracing error", DeepSpeed 0.19.8; cause not found)."""
     decoder, _ = decoder_and_head(model)
-    embed = decoder.get_input_embeddings()
-    device = embed.weight.device
-    seqs, labels = [], []
+    device = decoder.get_input_embeddings().weight.device
+    rows = _pair_rows(model, examples, device, batch_images=not zero3)
+    lengths, columns, labels = [], [], []
     for ex in examples:
-        ids = ex.prompt_ids.to(device)[None]
-        prompt = merged_embeddings(model, ids, ex.image_inputs)[0]   # the vision tower runs once per pair
-        for resp in (ex.chosen_ids, ex.rejected_ids):
-            r = torch.tensor(resp, dtype=torch.long, device=device)
-            seqs.append(torch.cat([prompt, embed(r)]))
-            labels.append(torch.cat([torch.full((len(ex.prompt_ids),), IGNORE, device=device), r]))
-    width = max(s.shape[0] for s in seqs)
-    embeds = torch.stack([torch.nn.functional.pad(s, (0, 0, 0, width - s.shape[0])) for s in seqs])
-    mask = torch.stack([(torch.arange(width, device=device) < s.shape[0]).long() for s in seqs])
-    lab = torch.stack([torch.nn.functional.pad(t, (0, width - t.shape[0]), value=IGNORE) for t in labels])
-    return embeds, mask, lab
+        p, c = len(ex.prompt_ids), len(ex.chosen_ids)
+        for start, resp in ((p, ex.chosen_ids), (p + c, ex.rejected_ids)):  # the response's columns in the row
+            lengths.append(p + len(resp))
+            columns.append(list(range(p)) + list(range(start, start + len(resp))))
+            labels.append([IGNORE] * p + list(resp))
+    width = max(lengths)
+    columns = torch.tensor([c + [0] * (width - len(c)) for c in columns], device=device)
+    labels = torch.tensor([t + [IGNORE] * (width - len(t)) for t in labels], device=device)
+    valid = torch.arange(width, device=device) < torch.tensor(lengths, device=device)[:, None]
+    pair = torch.arange(len(examples), device=device).repeat_interleave(2)[:, None]
+    embeds = rows[pair, columns].masked_fill(~valid[..., None], 0)
+    return embeds, valid.long(), labels
 
 
 def pair_logps(model, examples: list[PairExample], *, zero3: bool = False):
     """Sequence log-probs (sum over response tokens) of chosen and rejected: two (N,) tensors."""
     decoder, head = decoder_and_head(model)
-    embeds, mask, labels = _sequences(model, examples)
+    embeds, mask, labels = _sequences(model, examples, zero3=zero3)
     hidden = decoder(inputs_embeds=embeds, attention_mask=mask).last_hidden_state[:, :-1]
     labels = labels[:, 1:]
     if not zero3:
