@@ -133,7 +133,7 @@ def _bench(benchmark, device, provider, setup, label):
     benchmark.group = f"bdhs greedy rho_th=0.99 pairs={len(pairs)} {str(dtype).replace('torch.', '')}{label}"
     run_case(benchmark, device, fn, lambda: (), op="bdhs", mode="one try", provider=provider,
              shape=f"pairs={len(pairs)} image_tokens=576 {str(dtype).replace('torch.', '')}{label}", pairs=len(pairs),
-             identical_sentences=identical, rounds=3 if device == "cuda" else 2)
+             identical_sentences=identical, rounds=2 if device != "cuda" or provider == "per-sentence" else 3)
 
 
 @pytest.mark.parametrize("precision", ["float32", "bfloat16"])
