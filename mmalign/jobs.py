@@ -266,6 +266,22 @@ class JobSpec:
     tally: Callable[[list], dict] | None = None     # counts one batch adds to the progress bar (summed as it goes)
 
 
+def check_device(device: str | None) -> None:
+    """A ``device`` argument that torch can use here, or ValueError naming it (None: choose automatically)."""
+    import torch
+
+    if device is None:
+        return
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device: expected 'cpu', 'cuda' or 'cuda:N', got {device!r}") from e
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device: {device!r} asked for, but torch sees no CUDA device")
+    if parsed.type not in ("cpu", "cuda"):
+        raise ValueError(f"device: expected 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+
+
 def default_device(device: str | None = None) -> str:
     """``device`` if given, else this process's GPU (``cuda:LOCAL_RANK``, as torchrun sets it) or the CPU;
     ``"cuda"`` alone also means this process's GPU (under torchrun, every rank its own)."""

@@ -50,6 +50,7 @@ class BDHSJobConfig:
             raise ValueError(f"dtype: expected auto, float32, bfloat16, float16 or float64, got {self.dtype!r}")
         if self.prompt_template is not None and "{prompt}" not in self.prompt_template:
             raise ValueError("prompt_template: must contain {prompt}")
+        jobs.check_device(self.device)
 
 
 @dataclass

@@ -63,6 +63,7 @@ class HardnessConfig:
             raise ValueError(f"batch_size: expected >= 1, got {self.batch_size}")
         if self.delta_mean is not None and not math.isfinite(self.delta_mean):
             raise ValueError(f"delta_mean: expected a finite number, got {self.delta_mean}")
+        jobs.check_device(self.device)
 
 
 @dataclass

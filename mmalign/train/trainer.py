@@ -93,13 +93,7 @@ class TrainConfig:
             raise ValueError(f"mixed_p: expected a probability in [0, 1], got {self.mixed_p}")
         if self.mixed_p is not None and self.reference != "model":
             raise ValueError("mixed_p: online pairs need live reference log-probs: use reference='model'")
-        if self.device is not None:
-            try:
-                device = torch.device(self.device)
-            except RuntimeError as e:
-                raise ValueError(f"device: expected 'cpu', 'cuda' or 'cuda:N', got {self.device!r}") from e
-            if device.type == "cuda" and not torch.cuda.is_available():
-                raise ValueError(f"device: {self.device!r} asked for, but torch sees no CUDA device")
+        jobs.check_device(self.device)
         if self.online_bdhs is not None and self.reference != "model":
             raise ValueError("online_bdhs: the online rejected responses need live reference log-probs: "
                              "use reference='model'")

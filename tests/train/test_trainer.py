@@ -165,12 +165,24 @@ def test_two_processes_equal_one(setup, tmp_path):
     assert r0["g"] == pytest.approx(float(single.loss_fn.running_mean), rel=1e-5)
 
 
-def test_device_and_process_group(monkeypatch):
-    with pytest.raises(ValueError, match="device: expected 'cpu', 'cuda' or 'cuda:N', got 'gpu0'"):
-        TrainConfig(model="m", data="x", device="gpu0").validate()
+@pytest.mark.parametrize("job", ["train", "hardness", "bdhs"])
+def test_every_job_checks_its_device_up_front(job):
+    from mmalign.bdhs.job import BDHSJobConfig
+    from mmalign.hardness.job import HardnessConfig
+
+    make = {"train": lambda d: TrainConfig(model="m", data="x", device=d), "hardness": lambda d: HardnessConfig(device=d),
+            "bdhs": lambda d: BDHSJobConfig(device=d)}[job]
+    for bad in ("gpu0", "meta"):
+        with pytest.raises(ValueError, match=f"device: expected 'cpu', 'cuda' or 'cuda:N', got '{bad}'"):
+            make(bad).validate()
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="device: 'cuda:0' asked for, but torch sees no CUDA device"):
-            TrainConfig(model="m", data="x", device="cuda:0").validate()
+            make("cuda:0").validate()
+    make("cpu").validate()
+    make(None).validate()
+
+
+def test_device_and_process_group(monkeypatch):
     monkeypatch.setenv("LOCAL_RANK", "3")
     assert train_device(TrainConfig(device="cuda")) == torch.device("cuda:3")
     assert jobs.default_device("cuda") == "cuda:3" and jobs.default_device("cuda:1") == "cuda:1"  # every job
