@@ -42,7 +42,9 @@ def merged_embeddings(model, input_ids: torch.Tensor, image_inputs: dict | None 
         seen["embeds"] = kwargs.get("inputs_embeds")
         raise _Captured
 
-    hook = decoder.register_forward_pre_hook(grab, with_kwargs=True)
+    # prepend: ahead of DeepSpeed ZeRO-3's own pre-forward hook, which would otherwise fetch the decoder for a
+    # call that never runs (its parameter-fetch trace then failed in the next step's backward)
+    hook = decoder.register_forward_pre_hook(grab, with_kwargs=True, prepend=True)
     try:
         model(input_ids=input_ids, **image_inputs, use_cache=False)
     except _Captured:

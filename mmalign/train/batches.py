@@ -88,10 +88,10 @@ def _batched_image_inputs(examples: list[PairExample]) -> dict | None:
     return out
 
 
-def _pair_rows(model, examples: list[PairExample], device, *, batch_images: bool = True) -> torch.Tensor:
+def _pair_rows(model, examples: list[PairExample], device) -> torch.Tensor:
     """(N, L, H): for each pair, the embeddings of [prompt | chosen | rejected] (right-padded), image features
     in place of the image tokens. One model call for the batch (vision tower, projector, one embedding call),
-    or one per pair where the image inputs do not stack or ``batch_images`` is False."""
+    or one per pair where the image inputs do not stack."""
     image = image_token_id(model)
     pad = 1 if image == 0 else 0  # any id but the image token's: padding must not count as image positions
     rows = [ex.prompt_ids.tolist() + list(ex.chosen_ids) + list(ex.rejected_ids) for ex in examples]
@@ -99,23 +99,21 @@ def _pair_rows(model, examples: list[PairExample], device, *, batch_images: bool
     ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows], device=device)
     if not any(ex.image_inputs for ex in examples):
         return merged_embeddings(model, ids)
-    batched = _batched_image_inputs(examples) if batch_images else None
+    batched = _batched_image_inputs(examples)
     if batched is not None:
         return merged_embeddings(model, ids, batched)
     return torch.cat([merged_embeddings(model, ids[i:i + 1], ex.image_inputs) for i, ex in enumerate(examples)])
 
 
-def _sequences(model, examples: list[PairExample], *, zero3: bool = False):
+def _sequences(model, examples: list[PairExample]):
     """(inputs_embeds (2N, T, H), attention_mask (2N, T), labels (2N, T)): chosen_i at 2i, rejected_i at 2i+1.
 
     Batched, so the launches do not grow with N: one model call embeds [prompt | chosen | rejected] of every
     pair (each image through the vision tower once; per pair where the image inputs do not stack), then one
-    gather lays out the 2N sequences [prompt | chosen] and [prompt | rejected]. Padding embeddings are zeros.
-    Under ZeRO-3 the pairs go through the model one at a time: with the batched call DeepSpeed's parameter
-    fetch trace failed in the second step's backward ("tracing error", DeepSpeed 0.19.8; cause not found)."""
+    gather lays out the 2N sequences [prompt | chosen] and [prompt | rejected]. Padding embeddings are zeros."""
     decoder, _ = decoder_and_head(model)
     device = decoder.get_input_embeddings().weight.device
-    rows = _pair_rows(model, examples, device, batch_images=not zero3)
+    rows = _pair_rows(model, examples, device)
     lengths, columns, labels = [], [], []
     for ex in examples:
         p, c = len(ex.prompt_ids), len(ex.chosen_ids)
@@ -135,7 +133,7 @@ def _sequences(model, examples: list[PairExample], *, zero3: bool = False):
 def pair_logps(model, examples: list[PairExample], *, zero3: bool = False):
     """Sequence log-probs (sum over response tokens) of chosen and rejected: two (N,) tensors."""
     decoder, head = decoder_and_head(model)
-    embeds, mask, labels = _sequences(model, examples, zero3=zero3)
+    embeds, mask, labels = _sequences(model, examples)
     hidden = decoder(inputs_embeds=embeds, attention_mask=mask).last_hidden_state[:, :-1]
     labels = labels[:, 1:]
     if not zero3:
