@@ -1,11 +1,11 @@
 """Training examples and the policy's sequence log-probs for a batch of preference pairs.
 
 Chosen and rejected share the prompt and the image: one model call embeds [prompt | chosen | rejected]
-of every pair (the vision tower and projector see each image once, not once per response), a gather lays
-out the 2N sequences, and they go through the decoder together and the log-probs come from the final hidden states through
-``fused_linear_sequence_logps`` (no full logits; only response positions are computed). Under
-DeepSpeed ZeRO-3 the LM head's weight is partitioned and only its module call gathers it, so that
-path runs the head as a module on the response positions and then the fused log-prob kernel.
+of every pair (the vision tower and projector see each image once, not once per response) and a gather
+lays out the 2N sequences. They go through the decoder together, and the log-probs come from the final
+hidden states through ``fused_linear_sequence_logps`` (no full logits; only response positions are
+computed). Under DeepSpeed ZeRO-3 the LM head's weight is partitioned and only its module call gathers
+it, so that path runs the head as a module on the response positions and then the fused log-prob kernel.
 """
 from __future__ import annotations
 
