@@ -181,6 +181,8 @@ def _train(args) -> int:
     flags.update({k: True for k in ("bf16", "gradient_checkpointing", "offload_optimizer") if getattr(args, k)})
     if args.no_progress:
         flags["progress"] = False
+    if args.no_prefetch:
+        flags["prefetch"] = False
 
     def start():
         cfg = TrainConfig.from_file(args.config, **flags) if args.config else \
@@ -229,6 +231,8 @@ def _add_train(sub) -> None:
     t.add_argument("--mixed-p", type=float, help="Mixed-DPO (Eq. 4): probability of keeping the offline pair")
     t.add_argument("--similarity-model", help="sentence-transformers model: BDHS gate, Mixed-DPO's default ranker")
     t.add_argument("--no-progress", action="store_true")
+    t.add_argument("--no-prefetch", action="store_true",
+                   help="encode each micro-batch when it is due (default: the next one in a background thread)")
     t.add_argument("--precompute-reference", metavar="OUT",
                    help="instead of training: write the data with reference log-probs to OUT (.jsonl)")
     t.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # the deepspeed launcher's

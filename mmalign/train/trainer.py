@@ -22,6 +22,7 @@ import os
 import random
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,6 +34,9 @@ from ..prompts import PromptEncoder, load_model
 from .batches import PairExample, encode_pair, pair_logps, with_responses
 
 # loss name -> (DAMO preset, loss type)
+# the per-micro-step metrics (Trainer.micro_step), in the order they are read back from the device
+METRICS = ("loss", "chosen_reward", "rejected_reward", "margin", "accuracy", "alpha_m", "kept", "beta_mean", "beta_min",
+           "beta_max", "running_mean")
 LOSSES = {"dpo": ("dpo", "sigmoid"), "ipo": ("dpo", "ipo"), "hinge": ("dpo", "hinge"),
           "d2po": ("d2po", "sigmoid"), "mdpo": ("mdpo", "sigmoid"), "damo": ("damo", "sigmoid")}
 
@@ -76,6 +80,7 @@ class TrainConfig:
     similarity_model: str = "sentence-transformers/all-mpnet-base-v2"  # online BDHS gate; Mixed-DPO's default ranker
     mixed_p: float | None = None        # Mixed-DPO (Eq. 4): keep the offline pair with probability p, else an online one
     mixed_max_new_tokens: int = 64      # length of the two responses sampled from the policy
+    prefetch: bool = True               # encode micro-batch k+1 in a background thread while k trains
 
     def validate(self) -> None:
         if self.loss not in LOSSES:
@@ -323,6 +328,21 @@ class Trainer:
         start = (j * self.world + self.rank) * n
         return [encode_pair(self.records[i], self.encoder, self.cfg.max_length) for i in order[start:start + n].tolist()]
 
+    def micro_batches(self, start: int, stop: int):
+        """``(k, micro_batch(k))`` for k in [start, stop). With ``cfg.prefetch``, micro-batch k+1 is encoded
+        (tokenizer, image processor, copy to the device) in one background thread while k trains: the batches
+        are the same either way. Not in the online modes (Mixed-DPO, online BDHS), where the training thread
+        tokenizes generated text with the same tokenizer."""
+        if not self.cfg.prefetch or self.online is not None or self.cfg.mixed_p is not None:
+            yield from ((k, self.micro_batch(k)) for k in range(start, stop))
+            return
+        with ThreadPoolExecutor(1, thread_name_prefix="mmalign-encode") as pool:
+            ahead = pool.submit(self.micro_batch, start) if start < stop else None
+            for k in range(start, stop):
+                batch = ahead.result()  # re-raises an encoding error (a record that does not fit) here
+                ahead = pool.submit(self.micro_batch, k + 1) if k + 1 < stop else None
+                yield k, batch
+
     # ---------------------------------------------------------------------------------- one step
     def _reference_logps(self, batch: list[PairExample]):
         if self.reference is None:
@@ -405,28 +425,47 @@ class Trainer:
         if self.world > 1:
             torch.distributed.all_reduce(total)
         m = out.metrics
-        return {"loss": total.item(), "chosen_reward": m.chosen_rewards.mean().item(),
-                "rejected_reward": m.rejected_rewards.mean().item(), "margin": m.margins.mean().item(),
-                "accuracy": m.accuracies.float().mean().item(), "alpha_m": float(m.alpha_m),
-                "kept": int(m.keep.sum()), "beta_mean": m.beta.mean().item(), "beta_min": m.beta.min().item(),
-                "beta_max": m.beta.max().item(), "running_mean": float(self.loss_fn.running_mean)}
+        values = torch.stack([t.float() for t in (
+            total, m.chosen_rewards.mean(), m.rejected_rewards.mean(), m.margins.mean(), m.accuracies.float().mean(),
+            m.alpha_m, m.keep.sum(), m.beta.mean(), m.beta.min(), m.beta.max(), self.loss_fn.running_mean)])
+        row = dict(zip(METRICS, values.tolist()))  # one copy to the host, one synchronization
+        row["kept"] = int(row["kept"])
+        return row
 
     def train(self, callback=None) -> list[dict]:
         """Run to ``total_steps`` (from the checkpoint when resuming); returns this run's metric rows.
         ``callback(trainer, row)`` runs after every optimizer step (evaluation, early stopping: return True)."""
         from tqdm.auto import tqdm
 
-        cfg, rows = self.cfg, []
+        cfg = self.cfg
         self.out.mkdir(parents=True, exist_ok=True)
         writer = self._tensorboard()
         bar = tqdm(total=self.total_steps, initial=self.step, unit="step", desc="train",
                    disable=not cfg.progress or self.rank != 0, file=sys.stderr, dynamic_ncols=True)
         started = time.time()
+        batches = self.micro_batches(self.step * cfg.grad_accum, self.total_steps * cfg.grad_accum)
+        try:
+            rows = self._train_loop(batches, bar, writer, callback)
+        finally:
+            batches.close()  # an early stop (callback) or an error: the encoding thread finishes and exits
+        bar.close()
+        if writer is not None:
+            writer.close()
+        if cfg.save_final and (not rows or not (cfg.save_every and self.step % cfg.save_every == 0)):
+            self.save_checkpoint()
+        if self.rank == 0 and rows:
+            print(f"train: {len(rows)} steps in {time.time() - started:.1f} s, last loss {rows[-1]['loss']:.4f}",
+                  file=sys.stderr)
+        return rows
+
+    def _train_loop(self, batches, bar, writer, callback) -> list[dict]:
+        """Optimizer steps until total_steps or until ``callback`` says stop; the metric rows."""
+        cfg, rows = self.cfg, []
         while self.step < self.total_steps:
             t0, micro = time.time(), []
-            for a in range(cfg.grad_accum):
-                k = self.step * cfg.grad_accum + a
-                micro.append(self.micro_step(self.micro_batch(k), k))
+            for _ in range(cfg.grad_accum):
+                k, batch = next(batches)
+                micro.append(self.micro_step(batch, k))
                 self.engine.step()
             self.step += 1
             row = {"step": self.step, **{k: sum(m[k] for m in micro) / len(micro) for k in micro[0]},
@@ -447,14 +486,6 @@ class Trainer:
                 self.save_checkpoint()
             if callback is not None and callback(self, row):
                 break
-        bar.close()
-        if writer is not None:
-            writer.close()
-        if cfg.save_final and (not rows or not (cfg.save_every and self.step % cfg.save_every == 0)):
-            self.save_checkpoint()
-        if self.rank == 0 and rows:
-            print(f"train: {len(rows)} steps in {time.time() - started:.1f} s, last loss {rows[-1]['loss']:.4f}",
-                  file=sys.stderr)
         return rows
 
     def _tensorboard(self):

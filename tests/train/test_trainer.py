@@ -109,6 +109,26 @@ def test_one_step_equals_plain_pytorch(setup, tmp_path, stage):
     assert compared > 20
 
 
+def test_prefetch_changes_nothing(setup, tmp_path):
+    """Encoding the next micro-batch in a background thread gives the same steps; an early stop and an
+    encoding error end the thread and surface as they do without it."""
+    import threading
+
+    root, model_dir = setup
+    kw = dict(loss="damo", micro_batch_size=2, grad_accum=2, max_steps=3, epochs=3, save_final=False)
+    rows = {}
+    for prefetch in (True, False):
+        trainer = Trainer(_cfg(root, model_dir, tmp_path / str(prefetch), prefetch=prefetch, **kw))
+        rows[prefetch] = [{k: v for k, v in r.items() if k != "pairs_per_s"} for r in trainer.train()]
+    assert len(rows[True]) == 3 and rows[True] == rows[False]
+    stopped = Trainer(_cfg(root, model_dir, tmp_path / "stop", **kw)).train(callback=lambda t, row: row["step"] == 1)
+    assert [r["step"] for r in stopped] == [1]
+    assert not any(t.name.startswith("mmalign-encode") for t in threading.enumerate())
+    for prefetch in (True, False):
+        with pytest.raises(data.RecordError, match="max_length is 3"):
+            Trainer(_cfg(root, model_dir, tmp_path / f"short{prefetch}", max_length=3, prefetch=prefetch)).train()
+
+
 def test_resume_continues_exactly(setup, tmp_path):
     root, model_dir = setup
     kw = dict(zero_stage=2, loss="damo", micro_batch_size=2, grad_accum=2, lr=1e-3, epochs=3, save_every=2)
