@@ -72,6 +72,15 @@ def with_responses(ex: PairExample, tokenizer, max_length: int, *, chosen: str |
         chosen=ex.chosen if chosen is None else chosen, ref_chosen=None, ref_rejected=None)
 
 
+def to_device(t: torch.Tensor, device) -> torch.Tensor:
+    """A host tensor on ``device``. On CUDA through pinned memory and a non-blocking copy: a copy from pageable
+    memory would wait for all the work queued on the stream (the policy's forward, when the reference pass
+    builds its batch), leaving the GPU idle while the host catches up."""
+    if torch.device(device).type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def _batched_image_inputs(examples: list[PairExample]) -> dict | None:
     """The pairs' image inputs concatenated along dim 0 (one vision-tower call for the batch), or None where
     they do not stack (different keys, a non-tensor value, different trailing shapes: e.g. AnyRes tile
@@ -96,7 +105,7 @@ def _pair_rows(model, examples: list[PairExample], device) -> torch.Tensor:
     pad = 1 if image == 0 else 0  # any id but the image token's: padding must not count as image positions
     rows = [ex.prompt_ids.tolist() + list(ex.chosen_ids) + list(ex.rejected_ids) for ex in examples]
     width = max(len(r) for r in rows)
-    ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows], device=device)
+    ids = to_device(torch.tensor([r + [pad] * (width - len(r)) for r in rows]), device)
     if not any(ex.image_inputs for ex in examples):
         return merged_embeddings(model, ids)
     batched = _batched_image_inputs(examples)
@@ -122,9 +131,10 @@ def _sequences(model, examples: list[PairExample]):
             columns.append(list(range(p)) + list(range(start, start + len(resp))))
             labels.append([IGNORE] * p + list(resp))
     width = max(lengths)
-    columns = torch.tensor([c + [0] * (width - len(c)) for c in columns], device=device)
-    labels = torch.tensor([t + [IGNORE] * (width - len(t)) for t in labels], device=device)
-    valid = torch.arange(width, device=device) < torch.tensor(lengths, device=device)[:, None]
+    host = torch.tensor([[c + [0] * (width - len(c)) for c in columns], [t + [IGNORE] * (width - len(t)) for t in labels],
+                         [[1] * n + [0] * (width - n) for n in lengths]])
+    columns, labels, valid = to_device(host, device).unbind(0)  # one copy to the device
+    valid = valid.bool()
     pair = torch.arange(len(examples), device=device).repeat_interleave(2)[:, None]
     embeds = rows[pair, columns].masked_fill(~valid[..., None], 0)
     return embeds, valid.long(), labels

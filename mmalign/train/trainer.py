@@ -31,7 +31,7 @@ import torch
 from .. import data, jobs
 from ..nn import DAMOLoss
 from ..prompts import PromptEncoder, load_model
-from .batches import PairExample, encode_pair, pair_logps, with_responses
+from .batches import PairExample, encode_pair, pair_logps, to_device, with_responses
 
 # loss name -> (DAMO preset, loss type)
 # the per-micro-step metrics (Trainer.micro_step), in the order they are read back from the device
@@ -346,8 +346,8 @@ class Trainer:
     # ---------------------------------------------------------------------------------- one step
     def _reference_logps(self, batch: list[PairExample]):
         if self.reference is None:
-            t = lambda xs: torch.tensor(xs, dtype=torch.float32, device=self.device)  # noqa: E731
-            return t([e.ref_chosen for e in batch]), t([e.ref_rejected for e in batch])
+            ref = torch.tensor([[e.ref_chosen for e in batch], [e.ref_rejected for e in batch]], dtype=torch.float32)
+            return to_device(ref, self.device).unbind(0)
         with torch.no_grad():
             return pair_logps(self.reference, batch, zero3=self.zero3)
 
@@ -367,7 +367,7 @@ class Trainer:
         logps = self._logps(batch)
         alpha_d = None
         if all(e.alpha_d is not None for e in batch):
-            alpha_d = torch.tensor([e.alpha_d for e in batch], dtype=torch.float32, device=self.device)
+            alpha_d = to_device(torch.tensor([e.alpha_d for e in batch], dtype=torch.float32), self.device)
         group = torch.distributed.group.WORLD if self.world > 1 else None
         return loss_fn(*logps, alpha_d=alpha_d, group=group)
 
