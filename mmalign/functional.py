@@ -92,7 +92,18 @@ def fused_linear_sequence_logps(hidden: torch.Tensor, weight: torch.Tensor, labe
         weight: (V, H) LM head; bias: (V,) or None. Same dtype and device as ``hidden``.
         labels: (B, T) int64, values in [0, V) or ``ignore_index``.
         accumulate_fp32: accumulate grad_weight/grad_bias in fp32 across chunks for fp16/bf16.
+    Under ``torch.autocast`` the op does what autocast does for a linear layer: hidden, weight and bias are
+    cast to the autocast dtype (differentiably: an fp32 weight gets its gradient in fp32), and forward and
+    backward both run in that dtype.
     Returns: (B,) float32 (float64 for float64 inputs), or ``SequenceLogps`` with ``return_token_logps``."""
+    if isinstance(hidden, torch.Tensor) and torch.is_autocast_enabled(hidden.device.type):
+        dt, kind = torch.get_autocast_dtype(hidden.device.type), hidden.device.type
+        cast = lambda t: t.to(dt) if isinstance(t, torch.Tensor) else t  # noqa: E731
+        with torch.autocast(kind, enabled=False):
+            return fused_linear_sequence_logps(
+                cast(hidden), cast(weight), labels, bias=cast(bias), ignore_index=ignore_index, reduction=reduction,
+                return_token_logps=return_token_logps, chunk_size=chunk_size, memory_budget_mb=memory_budget_mb,
+                accumulate_fp32=accumulate_fp32, check_labels=check_labels, backend=backend)
     _checks.tensor("hidden", hidden, dim=3, dtypes=_checks.FLOATS)
     B, T, H = hidden.shape
     _checks.tensor("weight", weight, dim=2, shape=(None, H), dtypes=(hidden.dtype,), device=hidden.device)

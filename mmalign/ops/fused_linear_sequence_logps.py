@@ -84,6 +84,11 @@ class FusedLinearTokenLogpsFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_tok):
+        with torch.autocast(grad_tok.device.type, enabled=False):  # the forward's dtypes, whatever the caller's
+            return FusedLinearTokenLogpsFunction._backward(ctx, grad_tok)
+
+    @staticmethod
+    def _backward(ctx, grad_tok):
         h, weight, bias, labels, lse = ctx.saved_tensors
         ignore_index, backend, chunk, accumulate_fp32 = ctx.cfg
         need_h, need_w, need_b = ctx.needs_input_grad[:3]

@@ -127,6 +127,30 @@ def test_half_precision_on_cpu_multiplies_in_fp32(rng, dtype):
         torch.testing.assert_close(grad, ref_grad.to(dtype), rtol=0, atol=0)
 
 
+def test_under_autocast_like_a_linear_layer(rng):
+    """Under torch.autocast (bf16) an fp32 hidden and an fp32 or bf16 head give the op on the bf16-cast values,
+    forward and backward alike, even when backward() itself runs under autocast; the fp32 leaves get fp32
+    gradients (those of the bf16 op through the casts)."""
+    hidden, weight, b, labels = _inputs(rng, 2, 9, 16, 300, "cpu", dtype=torch.float32)
+    results = []
+    for mode in ("autocast", "autocast-bf16-head", "cast"):
+        leaves = [t.detach().requires_grad_() for t in (hidden, weight, b)]
+        h, w, bb = leaves
+        if mode == "autocast-bf16-head":  # the frozen reference of mmalign's trainer: its head is already bf16
+            w, bb = w.to(torch.bfloat16), bb.to(torch.bfloat16)
+        if mode == "cast":
+            h, w, bb = (t.to(torch.bfloat16) for t in (h, w, bb))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode != "cast"):
+            out = F.fused_linear_sequence_logps(h, w, labels, bias=bb, chunk_size=5, backend="cpp")
+            out.sum().backward()
+        results.append((out, *[t.grad for t in leaves]))
+    for got in results[:2]:
+        for a, e in zip(got, results[2]):
+            assert a.dtype == e.dtype
+            torch.testing.assert_close(a, e, rtol=0, atol=0)
+    assert results[0][2].dtype == torch.float32 and results[0][2].abs().sum() > 0
+
+
 @pytest.mark.parametrize("bad,match", [
     (lambda h, w, b, y: (h[0], w, y, b), "hidden: expected 3 dimensions"),
     (lambda h, w, b, y: (h, w[:, :-1], y, b), r"weight: expected shape \(\*, 16\)"),
