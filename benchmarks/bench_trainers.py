@@ -16,8 +16,9 @@ optimizer moments both create at the first step).
 The two do the same work in the same precision:
 - No gradient checkpointing on either side (TRL >= 1.0 turns it on by default: it is turned off here).
 - bf16 is mixed precision on both sides: fp32 master weights and fp32 Adam moments, bf16 compute. mmalign
-  through DeepSpeed's bf16 mode (bf16 weights, fp32 master copy); TRL through the Hugging Face Trainer's
-  (an fp32 policy under bf16 autocast). A policy loaded in bf16 would make TRL train in pure bf16, whose
+  through DeepSpeed's bf16 mode (bf16 weights, fp32 master copy), and as mmalign-dpo-autocast through
+  DeepSpeed's torch_autocast (fp32 weights under torch.autocast, the reference's linear layers in bf16);
+  TRL through the Hugging Face Trainer's (an fp32 policy under bf16 autocast). A policy loaded in bf16 would make TRL train in pure bf16, whose
   weights cannot take DPO-sized updates (lr 5e-7 is below bf16's resolution). The frozen reference is bf16
   on both sides. MMALIGN_BENCH_PRECISION=fp32|bf16 overrides the device's default (a CPU check of the
   GPU setup)."""
@@ -33,7 +34,7 @@ from mmalign._measure import memory_left
 
 from conftest import run_case
 
-PROVIDERS = ["trl", "mmalign-dpo", "mmalign-damo"]
+PROVIDERS = ["trl", "mmalign-dpo", "mmalign-damo", "mmalign-dpo-autocast"]
 STEPS = 3
 
 
@@ -121,11 +122,15 @@ def test_trainer_steps(benchmark, device, quick, provider, kind):
         pytest.importorskip("deepspeed")
         from mmalign.train import Trainer, TrainConfig
 
+        autocast = provider.endswith("-autocast")
+        if autocast and dtype != torch.bfloat16:
+            pytest.skip("autocast is a bf16 mode (the GPU default; MMALIGN_BENCH_PRECISION=bf16 on CPU)")
+
         def make():
             cfg = TrainConfig(data=os.path.join(work, "pairs.jsonl"), output_dir=tempfile.mkdtemp(dir=work),
                               images=os.path.join(work, "images"),
                               loss=provider.split("-")[1], reference="model", micro_batch_size=pairs, max_steps=STEPS,
-                              lr=1e-5, bf16=dtype == torch.bfloat16, progress=False, tensorboard=False,
+                              lr=1e-5, bf16=dtype == torch.bfloat16, autocast=autocast, progress=False, tensorboard=False,
                               resume=False, save_final=False, max_length=1024 if kind == "vlm" else 128,
                               gradient_checkpointing=False)
             return (Trainer(cfg, model=model(torch.float32), processor=tok),)  # DeepSpeed casts it for bf16

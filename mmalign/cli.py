@@ -178,7 +178,7 @@ def _train(args) -> int:
                                            "averaged_gamma", "mixed_p", "similarity_model", "device")}
     if args.online_bdhs:
         flags["online_bdhs"] = {"mode": args.online_bdhs}
-    flags.update({k: True for k in ("bf16", "gradient_checkpointing", "offload_optimizer") if getattr(args, k)})
+    flags.update({k: True for k in ("bf16", "autocast", "gradient_checkpointing", "offload_optimizer") if getattr(args, k)})
     if args.no_progress:
         flags["progress"] = False
     if args.no_prefetch:
@@ -211,6 +211,9 @@ def _add_train(sub) -> None:
     t.add_argument("--zero-stage", type=int, choices=(0, 1, 2, 3))
     t.add_argument("--device", help=DEVICE_HELP + " (default: the GPU when there is one)")
     t.add_argument("--bf16", action="store_true")
+    t.add_argument("--autocast", action="store_true",
+                   help="with --bf16: fp32 weights and the forward under torch.autocast (DeepSpeed's torch_autocast, the "
+                        "precision of Hugging Face's Trainer) instead of DeepSpeed's bf16 mode (bf16 weights, fp32 master)")
     t.add_argument("--offload-optimizer", action="store_true")
     t.add_argument("--gradient-checkpointing", action="store_true")
     t.add_argument("--loss", choices=sorted(LOSSES))

@@ -15,6 +15,7 @@ as an uninterrupted one.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
@@ -50,6 +51,8 @@ class TrainConfig:
     deepspeed: str | dict | None = None  # a DeepSpeed JSON (path or dict), taken as is; "auto" values filled
     zero_stage: int = 0                 # used when no DeepSpeed config is given
     bf16: bool = False
+    autocast: bool = False              # with bf16: fp32 weights, the forward under torch.autocast (DeepSpeed's
+                                        # torch_autocast); default: DeepSpeed's bf16 mode (bf16 weights + fp32 master)
     device: str | None = None           # "cpu", "cuda" (= cuda:LOCAL_RANK) or "cuda:N"; None: the GPU when there is one
     offload_optimizer: bool = False
     loss: str = "dpo"
@@ -99,6 +102,11 @@ class TrainConfig:
         if self.mixed_p is not None and self.reference != "model":
             raise ValueError("mixed_p: online pairs need live reference log-probs: use reference='model'")
         jobs.check_device(self.device)
+        if self.autocast and not self.bf16:
+            raise ValueError("autocast: it is bf16 mixed precision through torch.autocast: set bf16=True as well")
+        if self.autocast and self.deepspeed is not None:
+            raise ValueError("autocast: with your own DeepSpeed config, enable its torch_autocast section instead "
+                             '({"torch_autocast": {"enabled": true, "dtype": "bfloat16"}})')
         if self.online_bdhs is not None and self.reference != "model":
             raise ValueError("online_bdhs: the online rejected responses need live reference log-probs: "
                              "use reference='model'")
@@ -128,7 +136,10 @@ def loss_module(cfg: TrainConfig) -> DAMOLoss:
 def deepspeed_config(cfg: TrainConfig) -> dict:
     """The user's DeepSpeed config as is (``"auto"`` values filled from ``cfg``), or one built from ``cfg``."""
     if cfg.deepspeed is None:
-        ds = {"zero_optimization": {"stage": cfg.zero_stage}, "bf16": {"enabled": cfg.bf16}, "gradient_clipping": 1.0}
+        ds = {"zero_optimization": {"stage": cfg.zero_stage}, "bf16": {"enabled": cfg.bf16 and not cfg.autocast},
+              "gradient_clipping": 1.0}
+        if cfg.autocast:
+            ds["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
         if cfg.offload_optimizer:
             ds["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
     else:
@@ -158,14 +169,44 @@ def training_dtype(ds: dict, model: torch.nn.Module | None = None) -> torch.dtyp
     return next((p.dtype for p in params if p.is_floating_point()), torch.float32)
 
 
-def _frozen_copy(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
-    """The live reference: a frozen copy of the initial policy whose parameters are cast as DeepSpeed casts the
-    policy's (buffers such as rotary frequencies keep their dtype), so both give the same log-probs at step 0."""
-    reference = copy.deepcopy(model).eval().requires_grad_(False)
-    for p in reference.parameters():
-        if p.is_floating_point():
-            p.data = p.data.to(dtype)
-    return reference
+def autocast_dtype(ds: dict) -> torch.dtype | None:
+    """bf16 when the DeepSpeed config enables ``torch_autocast`` (fp32 weights, the forward under torch.autocast),
+    else None."""
+    section = ds.get("torch_autocast") or {}
+    if section.get("enabled") is not True:
+        return None
+    name = str(section.get("dtype", "bfloat16")).replace("torch.", "")
+    if name not in ("bfloat16", "bf16"):
+        raise ValueError(f"torch_autocast.dtype: mmalign's trainer supports bfloat16 (fp16 would need loss "
+                         f"scaling), got {section.get('dtype')!r}")
+    return torch.bfloat16
+
+
+# the modules whose weights torch.autocast runs in bf16 (DeepSpeed's lower-precision-safe default list)
+AUTOCAST_MODULES = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
+
+
+def cast_like_training(model: torch.nn.Module, dtype: torch.dtype, autocast: torch.dtype | None = None):
+    """Cast ``model``'s parameters in place as training computes with the policy's, so that the reference gives
+    the policy's log-probs at step 0: all to ``dtype`` (DeepSpeed's bf16 mode casts the policy so; buffers such as
+    rotary frequencies keep theirs), or under autocast only the weights autocast runs in ``autocast``
+    (linear and convolution layers), the rest kept in fp32 like the policy's."""
+    for module in model.modules():
+        target = dtype if autocast is None else (autocast if isinstance(module, AUTOCAST_MODULES) else None)
+        for p in module.parameters(recurse=False):
+            if target is not None and p.is_floating_point():
+                p.data = p.data.to(target)
+    return model
+
+
+def _frozen_copy(model: torch.nn.Module, dtype: torch.dtype, autocast: torch.dtype | None = None) -> torch.nn.Module:
+    """The live reference: a frozen copy of the initial policy, cast by :func:`cast_like_training`."""
+    return cast_like_training(copy.deepcopy(model).eval().requires_grad_(False), dtype, autocast)
+
+
+def forward_precision(device: torch.device, autocast: torch.dtype | None):
+    """The context the policy and reference forwards run in: torch.autocast in autocast mode, else none."""
+    return torch.autocast(device.type, dtype=autocast) if autocast is not None else contextlib.nullcontext()
 
 
 def _offloads(ds: dict) -> bool:
@@ -231,9 +272,10 @@ class Trainer:
             model.config.use_cache = False
         self.ds_config = deepspeed_config(cfg)
         dtype = training_dtype(self.ds_config, model)
+        self.autocast = autocast_dtype(self.ds_config)
         self.reference = None
         if cfg.reference == "model":
-            self.reference = _frozen_copy(model, dtype)
+            self.reference = _frozen_copy(model, dtype, self.autocast)
         self.encoder = PromptEncoder(processor, template=cfg.prompt_template, images=cfg.images, device=device,
                                      dtype=dtype)
         self.records, self.skipped = self._load_records()
@@ -292,12 +334,16 @@ class Trainer:
             from deepspeed.ops.adam import DeepSpeedCPUAdam
 
             optimizer = DeepSpeedCPUAdam(params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay, adamw_mode=True)
-        else:
-            optimizer = torch.optim.AdamW(params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+        else:  # fused: one kernel per step, no full-size temporaries (foreach's took 4 bytes per parameter)
+            optimizer = torch.optim.AdamW(params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay, fused=True)
         warm = self.cfg.warmup_steps
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                config=self.ds_config)
+        if self.world == 1 and not self.ds_config.get("zero_optimization", {}).get("stage", 0):
+            # one process, no ZeRO: DeepSpeed's all-reduce of the gradients would only copy all of them into a
+            # flat buffer and back (4 bytes per fp32 parameter at the peak)
+            engine.enable_backward_allreduce = False
         return engine
 
     def _sharded_reference(self, reference):
@@ -306,7 +352,7 @@ class Trainer:
         import deepspeed
 
         ds = {k: v for k, v in self.ds_config.items() if k in ("train_micro_batch_size_per_gpu", "bf16", "fp16",
-                                                                  "gradient_accumulation_steps")}
+                                                                  "gradient_accumulation_steps", "torch_autocast")}
         ds["zero_optimization"] = {"stage": 3}
         engine, _, _, _ = deepspeed.initialize(model=reference, config=ds)
         return engine.module.eval()
@@ -353,8 +399,9 @@ class Trainer:
 
     def _logps(self, batch: list[PairExample]):
         """(policy chosen, policy rejected, reference chosen, reference rejected) sequence log-probs, float32."""
-        pc, pr = pair_logps(self.engine.module, batch, zero3=self.zero3)
-        rc, rr = self._reference_logps(batch)
+        with forward_precision(self.device, self.autocast):
+            pc, pr = pair_logps(self.engine.module, batch, zero3=self.zero3)
+            rc, rr = self._reference_logps(batch)
         return pc.float(), pr.float(), rc.float(), rr.float()
 
     @torch.no_grad()
@@ -533,9 +580,12 @@ def precompute_reference(cfg: TrainConfig, out: str, *, model=None, processor=No
     """Write ``out`` (.jsonl): the data with ``ref_chosen_logp``/``ref_rejected_logp`` from the model as
     it is now (the DAMO and RLAIF-V recipe: the reference pass runs once). Returns the pair count."""
     device = str(train_device(cfg))
+    ds = deepspeed_config(cfg)
+    autocast = autocast_dtype(ds)
     if model is None:
-        # the dtype training will give the policy (also a DeepSpeed JSON's bf16), so log-ratios start at 0
-        model, processor = load_model(cfg.model, device, training_dtype(deepspeed_config(cfg)))
+        # the precision training will give the policy (also a DeepSpeed JSON's), so log-ratios start at 0
+        model, processor = load_model(cfg.model, device, training_dtype(ds))
+        cast_like_training(model, training_dtype(ds), autocast)
     model.eval()
     encoder = PromptEncoder(processor, template=cfg.prompt_template, images=cfg.images, device=model.device,
                             dtype=next(model.parameters()).dtype)
@@ -543,7 +593,7 @@ def precompute_reference(cfg: TrainConfig, out: str, *, model=None, processor=No
     records = [r for r in data.iter_records(cfg.data, layout=cfg.layout, columns=cfg.columns)
                if isinstance(r, data.PairRecord)]
     for batch in jobs.batched(records, batch_size):
-        with torch.no_grad():
+        with torch.no_grad(), forward_precision(model.device, autocast):
             rc, rr = pair_logps(model, [encode_pair(r, encoder, cfg.max_length) for r in batch])
         for rec, c, r in zip(batch, rc.tolist(), rr.tolist()):
             row = rec.canonical()

@@ -236,18 +236,33 @@ def test_precomputed_reference_and_cli(setup, tmp_path, capsys):
     assert "unknown keys ['los']" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("bf16", [dict(bf16=True), dict(deepspeed={"bf16": {"enabled": True}})],
-                         ids=["flag", "deepspeed-json"])
+@pytest.mark.parametrize("bf16", [dict(bf16=True), dict(deepspeed={"bf16": {"enabled": True}}),
+                                  dict(bf16=True, autocast=True),
+                                  dict(deepspeed={"torch_autocast": {"enabled": True, "dtype": "bfloat16"}})],
+                         ids=["flag", "deepspeed-json", "autocast-flag", "autocast-deepspeed-json"])
 def test_precomputed_reference_in_the_training_dtype(setup, tmp_path, bf16):
-    """The reference pass runs in the dtype training gives the policy, whether bf16 comes from the flag or
-    from a DeepSpeed config: the first step's log-ratios are exactly 0."""
+    """The reference pass runs in the precision training gives the policy, whether bf16 (DeepSpeed's bf16 mode or
+    torch.autocast) comes from the flags or from a DeepSpeed config: the first step's log-ratios are exactly 0."""
     from mmalign.train import precompute_reference
 
     root, model_dir = setup
     ref = tmp_path / "ref.jsonl"
     precompute_reference(_cfg(root, model_dir, tmp_path / "p", **bf16), str(ref))
-    rows = Trainer(_cfg(root, model_dir, tmp_path / "t", data=str(ref), reference="precomputed", **bf16)).train()
-    assert rows[0]["margin"] == 0
+    trainer = Trainer(_cfg(root, model_dir, tmp_path / "t", data=str(ref), reference="precomputed", **bf16))
+    batch = trainer.micro_batch(0)
+    pc, pr, rc, rr = trainer._logps(batch)
+    assert torch.equal(pc, rc) and torch.equal(pr, rr)
+    assert trainer.train()[0]["margin"] == 0
+
+
+def test_autocast_options_are_checked(setup, tmp_path):
+    root, model_dir = setup
+    with pytest.raises(ValueError, match="autocast: .* set bf16=True"):
+        _cfg(root, model_dir, tmp_path, autocast=True).validate()
+    with pytest.raises(ValueError, match="autocast: with your own DeepSpeed config"):
+        _cfg(root, model_dir, tmp_path, bf16=True, autocast=True, deepspeed={"zero_optimization": {"stage": 0}}).validate()
+    with pytest.raises(ValueError, match="torch_autocast.dtype: .* got 'float16'"):
+        Trainer(_cfg(root, model_dir, tmp_path, deepspeed={"torch_autocast": {"enabled": True, "dtype": "float16"}}))
 
 
 def test_plot_command(tmp_path, capsys):
@@ -320,19 +335,29 @@ def test_mixed_dpo(setup, tmp_path):
 
 
 @pytest.mark.parametrize("options", [dict(zero_stage=3), dict(zero_stage=2, bf16=True),
+                                     dict(bf16=True, autocast=True), dict(zero_stage=3, bf16=True, autocast=True),
                                      dict(zero_stage=2, offload_optimizer=True), dict(gradient_checkpointing=True)],
-                         ids=["zero3", "bf16", "offload", "checkpointing"])
+                         ids=["zero3", "bf16", "autocast", "autocast-zero3", "offload", "checkpointing"])
 def test_deepspeed_options_take_a_step(setup, tmp_path, options):
-    """ZeRO-3 (the head runs as a module on response positions), bf16, optimizer offload and gradient
-    checkpointing each train, starting from the same loss as plain ZeRO-0."""
+    """ZeRO-3 (the head runs as a module on response positions), bf16 (DeepSpeed's bf16 mode, or fp32 weights
+    under torch.autocast), optimizer offload and gradient checkpointing each train, starting from the same loss
+    as plain ZeRO-0."""
     root, model_dir = setup
     base = Trainer(_cfg(root, model_dir, tmp_path / "base", loss="damo", micro_batch_size=4, max_steps=2)).train()
     trainer = Trainer(_cfg(root, model_dir, tmp_path / "opt", loss="damo", micro_batch_size=4, max_steps=2, **options))
     assert trainer.zero3 == (options.get("zero_stage") == 3)
     if trainer.zero3:  # the live reference is partitioned like the policy: no rank holds it whole
         assert all(hasattr(p, "ds_id") and p.numel() == 0 for p in trainer.reference.parameters())
-    if trainer.reference is not None and not trainer.zero3:  # bf16: cast like the policy, not left in fp32
+    if trainer.reference is not None and not trainer.zero3 and not options.get("autocast"):
+        # bf16: cast like the policy, not left in fp32
         assert {p.dtype for p in trainer.reference.parameters()} == {p.dtype for p in trainer.engine.module.parameters()}
+    if options.get("autocast"):  # fp32 weights; the reference's linear layers in bf16 (what autocast runs them in)
+        assert "torch_autocast" in trainer.ds_config and not trainer.ds_config["bf16"]["enabled"]
+        assert {p.dtype for p in trainer.engine.module.parameters()} == {torch.float32}
+        if not trainer.zero3:
+            for module in trainer.reference.modules():
+                want = torch.bfloat16 if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)) else torch.float32
+                assert all(p.dtype == want for p in module.parameters(recurse=False)), module
     rows = trainer.train()
     # both start from the reference, in every precision: the log-ratios are 0 and the loss is log 2
     assert rows[0]["margin"] == 0 and rows[0]["loss"] == pytest.approx(base[0]["loss"], rel=1e-6)
