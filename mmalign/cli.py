@@ -235,7 +235,8 @@ def _add_train(sub) -> None:
     t.add_argument("--similarity-model", help="sentence-transformers model: BDHS gate, Mixed-DPO's default ranker")
     t.add_argument("--no-progress", action="store_true")
     t.add_argument("--no-prefetch", action="store_true",
-                   help="encode each micro-batch when it is due (default: the next one in a background thread)")
+                   help="encode each micro-batch when it is due (default on a GPU: the next one in a background "
+                        "thread while the current one trains)")
     t.add_argument("--precompute-reference", metavar="OUT",
                    help="instead of training: write the data with reference log-probs to OUT (.jsonl)")
     t.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # the deepspeed launcher's

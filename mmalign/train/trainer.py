@@ -83,7 +83,7 @@ class TrainConfig:
     similarity_model: str = "sentence-transformers/all-mpnet-base-v2"  # online BDHS gate; Mixed-DPO's default ranker
     mixed_p: float | None = None        # Mixed-DPO (Eq. 4): keep the offline pair with probability p, else an online one
     mixed_max_new_tokens: int = 64      # length of the two responses sampled from the policy
-    prefetch: bool = True               # encode micro-batch k+1 in a background thread while k trains
+    prefetch: bool | None = None        # encode micro-batch k+1 in a background thread while k trains; None: on a GPU
 
     def validate(self) -> None:
         if self.loss not in LOSSES:
@@ -375,11 +375,13 @@ class Trainer:
         return [encode_pair(self.records[i], self.encoder, self.cfg.max_length) for i in order[start:start + n].tolist()]
 
     def micro_batches(self, start: int, stop: int):
-        """``(k, micro_batch(k))`` for k in [start, stop). With ``cfg.prefetch``, micro-batch k+1 is encoded
-        (tokenizer, image processor, copy to the device) in one background thread while k trains: the batches
-        are the same either way. Not in the online modes (Mixed-DPO, online BDHS), where the training thread
-        tokenizes generated text with the same tokenizer."""
-        if not self.cfg.prefetch or self.online is not None or self.cfg.mixed_p is not None:
+        """``(k, micro_batch(k))`` for k in [start, stop). With ``cfg.prefetch`` (default: when training on a GPU,
+        whose host otherwise waits for it; on a CPU the thread only competes with the training for the cores),
+        micro-batch k+1 is encoded (tokenizer, image processor, copy to the device) in one background thread
+        while k trains: the batches are the same either way. Not in the online modes (Mixed-DPO, online BDHS),
+        where the training thread tokenizes generated text with the same tokenizer."""
+        prefetch = self.device.type == "cuda" if self.cfg.prefetch is None else self.cfg.prefetch
+        if not prefetch or self.online is not None or self.cfg.mixed_p is not None:
             yield from ((k, self.micro_batch(k)) for k in range(start, stop))
             return
         with ThreadPoolExecutor(1, thread_name_prefix="mmalign-encode") as pool:
