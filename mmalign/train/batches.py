@@ -140,12 +140,76 @@ def _sequences(model, examples: list[PairExample]):
     return embeds, valid.long(), labels
 
 
-def pair_logps(model, examples: list[PairExample], *, zero3: bool = False):
-    """Sequence log-probs (sum over response tokens) of chosen and rejected: two (N,) tensors."""
+# decoders whose positions are plain 1D RoPE ids and whose every layer attends causally to the whole sequence:
+# the ones a custom 4D mask with explicit position ids describes exactly
+SHARED_PROMPT_DECODERS = ("llama", "mistral", "qwen2", "qwen3", "olmo", "olmo2")
+
+
+def shares_prompt(model) -> bool:
+    """Whether :func:`pair_logps` can run chosen and rejected of a pair as one sequence that shares the prompt:
+    a decoder in SHARED_PROMPT_DECODERS, no sliding window, eager or SDPA attention (a 4D mask)."""
+    decoder, _ = decoder_and_head(model)
+    cfg = decoder.config
+    return (cfg.model_type in SHARED_PROMPT_DECODERS and not getattr(cfg, "sliding_window", None)
+            and getattr(cfg, "_attn_implementation", None) in ("sdpa", "eager"))
+
+
+def _shared_layout(examples: list[PairExample], dtype, device):
+    """For rows [prompt | chosen | rejected] (right-padded to W): the additive 4D mask (N, 1, W, W) in ``dtype``
+    (causal, rejected blind to chosen, padding rows see themselves only), position ids (N, W) (rejected resumes
+    where the prompt ends), and for the 2N sequences chosen_0, rejected_0, ... the row positions whose hidden
+    states predict each response token, with those tokens as labels (2N, L), padded with IGNORE."""
+    rows = [(len(ex.prompt_ids), len(ex.chosen_ids), len(ex.rejected_ids)) for ex in examples]
+    width = max(p + c + r for p, c, r in rows)
+    L = max(max(c, r) for _, c, r in rows)
+    allowed = torch.zeros(len(rows), width, width, dtype=torch.bool)
+    positions = torch.zeros(len(rows), width, dtype=torch.long)
+    at = torch.zeros(2 * len(rows), L, dtype=torch.long)
+    labels = torch.full((2 * len(rows), L), IGNORE, dtype=torch.long)
+    causal = torch.ones(width, width, dtype=torch.bool).tril()
+    for i, ((p, c, r), ex) in enumerate(zip(rows, examples)):
+        n = p + c + r
+        allowed[i, :n, :n] = causal[:n, :n]
+        allowed[i, p + c:n, p:p + c] = False  # rejected does not see chosen
+        allowed[i, range(n, width), range(n, width)] = True  # padding rows see themselves (no empty softmax)
+        positions[i, :p + c] = torch.arange(p + c)
+        positions[i, p + c:n] = torch.arange(p, p + r)
+        # token j of a response is predicted by the row before it; the first by the prompt's last row
+        at[2 * i, :c] = torch.arange(p - 1, p + c - 1)
+        at[2 * i + 1, :r] = torch.cat([torch.tensor([p - 1]), torch.arange(p + c, p + c + r - 1)])
+        labels[2 * i, :c] = torch.tensor(ex.chosen_ids)
+        labels[2 * i + 1, :r] = torch.tensor(ex.rejected_ids)
+    host = torch.cat([positions, at.reshape(len(rows), -1), labels.reshape(len(rows), -1)], 1)
+    positions, at, labels = to_device(host, device).split([width, 2 * L, 2 * L], 1)
+    mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
+    return to_device(mask, device)[:, None], positions, at.reshape(-1, L), labels.reshape(-1, L)
+
+
+def _shared_hidden(model, examples: list[PairExample]):
+    """(hidden (2N, L, H), labels (2N, L)): the decoder runs once per pair over [prompt | chosen | rejected]."""
+    decoder, _ = decoder_and_head(model)
+    device = decoder.get_input_embeddings().weight.device
+    rows = _pair_rows(model, examples, device)
+    mask, positions, at, labels = _shared_layout(examples, rows.dtype, device)
+    hidden = decoder(inputs_embeds=rows, attention_mask=mask, position_ids=positions).last_hidden_state
+    pair = torch.arange(len(examples), device=device).repeat_interleave(2)[:, None]
+    return hidden[pair, at], labels
+
+
+def pair_logps(model, examples: list[PairExample], *, zero3: bool = False, share_prompt: bool | None = None):
+    """Sequence log-probs (sum over response tokens) of chosen and rejected: two (N,) tensors.
+
+    ``share_prompt`` (default: :func:`shares_prompt`): chosen and rejected of a pair go through the decoder as
+    one sequence [prompt | chosen | rejected] in which rejected does not see chosen and resumes the prompt's
+    positions, so the prompt (the image tokens: most of a VLM's sequence) is computed once per pair, not
+    twice; the same log-probs as two sequences. Else the 2N sequences [prompt | chosen], [prompt | rejected]."""
     decoder, head = decoder_and_head(model)
-    embeds, mask, labels = _sequences(model, examples)
-    hidden = decoder(inputs_embeds=embeds, attention_mask=mask).last_hidden_state[:, :-1]
-    labels = labels[:, 1:]
+    if share_prompt if share_prompt is not None else shares_prompt(model):
+        hidden, labels = _shared_hidden(model, examples)
+    else:
+        embeds, mask, labels = _sequences(model, examples)
+        hidden = decoder(inputs_embeds=embeds, attention_mask=mask).last_hidden_state[:, :-1]
+        labels = labels[:, 1:]
     if not zero3:
         logps = F.fused_linear_sequence_logps(hidden, head.weight, labels, bias=head.bias)
     else:
