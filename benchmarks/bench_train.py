@@ -6,7 +6,8 @@ built from a config with random weights, N pairs that share prompt and image:
               log_softmax, gather
   trl         TRL 1.x's own path (when trl is installed): the same 2N sequences through the model patched by
               trl's add_fused_lm_head (chunked LM head, no full logits)
-  mmalign     mmalign.train.pair_logps (vision once per pair, fused log-probs from the final hidden states)
+  mmalign     mmalign.train.pair_logps (vision once per pair, the prompt once per pair: chosen and rejected in
+              one decoder sequence, fused log-probs from the final hidden states)
               + DAMOLoss with the dpo preset;  mmalign-damo: the same with the damo preset
 
 pairs/s = N / time. CPU: 8 pairs, 576 image tokens, a 2-layer 256-wide decoder with a 32k vocabulary,
