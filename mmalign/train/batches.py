@@ -176,7 +176,7 @@ def _shared_layout(examples: list[PairExample], dtype, device):
         positions[i, p + c:n] = torch.arange(p, p + r)
         # token j of a response is predicted by the row before it; the first by the prompt's last row
         at[2 * i, :c] = torch.arange(p - 1, p + c - 1)
-        at[2 * i + 1, :r] = torch.cat([torch.tensor([p - 1]), torch.arange(p + c, p + c + r - 1)])
+        at[2 * i + 1, :r] = torch.tensor(([p - 1] + list(range(p + c, p + c + r - 1)))[:r], dtype=torch.long)
         labels[2 * i, :c] = torch.tensor(ex.chosen_ids)
         labels[2 * i + 1, :r] = torch.tensor(ex.rejected_ids)
     host = torch.cat([positions, at.reshape(len(rows), -1), labels.reshape(len(rows), -1)], 1)

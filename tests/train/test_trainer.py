@@ -439,3 +439,20 @@ def test_prompt_encoder_uses_the_processor_chat_template(setup):
                                "'image' %}<image> {% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endfor %}"
                                "{% if add_generation_prompt %} ASSISTANT :{% endif %}")
     assert PromptEncoder(processor).text("Describe it") == "user <image> Describe it ASSISTANT :"
+
+
+def test_shared_prompt_layout():
+    """One row per pair [prompt | chosen | rejected]: causal, rejected blind to chosen, rejected's positions resume
+    after the prompt, each response token predicted by the row before it (the first by the prompt's last row),
+    padding rows see only themselves; an empty response takes no row."""
+    from mmalign.train.batches import PairExample, _shared_layout
+
+    ex = [PairExample(0, "a", torch.tensor([5, 6, 7]), {}, [8, 9], [], None),
+          PairExample(1, "b", torch.tensor([5]), {}, [3], [4, 6], None)]
+    mask, positions, at, labels = _shared_layout(ex, torch.float32, "cpu")
+    seen = (mask[:, 0] == 0).int()
+    assert seen[0].tolist() == torch.ones(5, 5, dtype=torch.int).tril().tolist()
+    assert seen[1].tolist() == [[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 0, 1, 0, 0], [1, 0, 1, 1, 0], [0, 0, 0, 0, 1]]
+    assert positions.tolist() == [[0, 1, 2, 3, 4], [0, 1, 1, 2, 0]]
+    assert at.tolist() == [[2, 3], [0, 0], [0, 0], [0, 2]]
+    assert labels.tolist() == [[8, 9], [-100, -100], [3, -100], [4, 6]]
