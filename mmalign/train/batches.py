@@ -114,6 +114,11 @@ def _pair_rows(model, examples: list[PairExample], device) -> torch.Tensor:
     return torch.cat([merged_embeddings(model, ids[i:i + 1], ex.image_inputs) for i, ex in enumerate(examples)])
 
 
+def _pair_of_sequence(n: int, device) -> torch.Tensor:
+    """(2n, 1): the pair of each of the 2n sequences chosen_0, rejected_0, chosen_1, ..."""
+    return torch.arange(n, device=device).repeat_interleave(2)[:, None]
+
+
 def _sequences(model, examples: list[PairExample]):
     """(inputs_embeds (2N, T, H), attention_mask (2N, T), labels (2N, T)): chosen_i at 2i, rejected_i at 2i+1.
 
@@ -135,8 +140,7 @@ def _sequences(model, examples: list[PairExample]):
                          [[1] * n + [0] * (width - n) for n in lengths]])
     columns, labels, valid = to_device(host, device).unbind(0)  # one copy to the device
     valid = valid.bool()
-    pair = torch.arange(len(examples), device=device).repeat_interleave(2)[:, None]
-    embeds = rows[pair, columns].masked_fill(~valid[..., None], 0)
+    embeds = rows[_pair_of_sequence(len(examples), device), columns].masked_fill(~valid[..., None], 0)
     return embeds, valid.long(), labels
 
 
@@ -158,31 +162,29 @@ def _shared_layout(examples: list[PairExample], dtype, device):
     """For rows [prompt | chosen | rejected] (right-padded to W): the additive 4D mask (N, 1, W, W) in ``dtype``
     (causal, rejected blind to chosen, padding rows see themselves only), position ids (N, W) (rejected resumes
     where the prompt ends), and for the 2N sequences chosen_0, rejected_0, ... the row positions whose hidden
-    states predict each response token, with those tokens as labels (2N, L), padded with IGNORE."""
+    states predict each response token, with those tokens as labels (2N, L), padded with IGNORE. Mask and
+    positions are built on the device from the segment lengths; only those and the (2N, L) labels are copied."""
     rows = [(len(ex.prompt_ids), len(ex.chosen_ids), len(ex.rejected_ids)) for ex in examples]
     width = max(p + c + r for p, c, r in rows)
     L = max(max(c, r) for _, c, r in rows)
-    allowed = torch.zeros(len(rows), width, width, dtype=torch.bool)
-    positions = torch.zeros(len(rows), width, dtype=torch.long)
     at = torch.zeros(2 * len(rows), L, dtype=torch.long)
     labels = torch.full((2 * len(rows), L), IGNORE, dtype=torch.long)
-    causal = torch.ones(width, width, dtype=torch.bool).tril()
     for i, ((p, c, r), ex) in enumerate(zip(rows, examples)):
-        n = p + c + r
-        allowed[i, :n, :n] = causal[:n, :n]
-        allowed[i, p + c:n, p:p + c] = False  # rejected does not see chosen
-        allowed[i, range(n, width), range(n, width)] = True  # padding rows see themselves (no empty softmax)
-        positions[i, :p + c] = torch.arange(p + c)
-        positions[i, p + c:n] = torch.arange(p, p + r)
         # token j of a response is predicted by the row before it; the first by the prompt's last row
         at[2 * i, :c] = torch.arange(p - 1, p + c - 1)
         at[2 * i + 1, :r] = torch.tensor(([p - 1] + list(range(p + c, p + c + r - 1)))[:r], dtype=torch.long)
-        labels[2 * i, :c] = torch.tensor(ex.chosen_ids)
-        labels[2 * i + 1, :r] = torch.tensor(ex.rejected_ids)
-    host = torch.cat([positions, at.reshape(len(rows), -1), labels.reshape(len(rows), -1)], 1)
-    positions, at, labels = to_device(host, device).split([width, 2 * L, 2 * L], 1)
-    mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
-    return to_device(mask, device)[:, None], positions, at.reshape(-1, L), labels.reshape(-1, L)
+        labels[2 * i, :c] = torch.tensor(ex.chosen_ids, dtype=torch.long)
+        labels[2 * i + 1, :r] = torch.tensor(ex.rejected_ids, dtype=torch.long)
+    host = torch.cat([torch.tensor(rows, dtype=torch.long), at.reshape(len(rows), -1), labels.reshape(len(rows), -1)], 1)
+    lengths, at, labels = to_device(host, device).split([3, 2 * L, 2 * L], 1)  # one copy to the device
+    p, pc, n = (lengths[:, :1, None], (lengths[:, 0] + lengths[:, 1])[:, None, None], lengths.sum(1)[:, None, None])
+    q = torch.arange(width, device=device)[None, :, None]  # query rows
+    k = torch.arange(width, device=device)[None, None, :]  # key columns
+    allowed = (k <= q) & (q < n) & ~((q >= pc) & (k >= p) & (k < pc))  # causal, rejected blind to chosen
+    allowed |= (q == k) & (q >= n)  # padding rows see themselves (no empty softmax)
+    positions = torch.where(q[..., 0] < pc[..., 0], q[..., 0], q[..., 0] - (pc[..., 0] - p[..., 0]))
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, torch.finfo(dtype).min)
+    return mask[:, None], positions.masked_fill(q[..., 0] >= n[..., 0], 0), at.reshape(-1, L), labels.reshape(-1, L)
 
 
 def _shared_hidden(model, examples: list[PairExample]):
@@ -192,8 +194,7 @@ def _shared_hidden(model, examples: list[PairExample]):
     rows = _pair_rows(model, examples, device)
     mask, positions, at, labels = _shared_layout(examples, rows.dtype, device)
     hidden = decoder(inputs_embeds=rows, attention_mask=mask, position_ids=positions).last_hidden_state
-    pair = torch.arange(len(examples), device=device).repeat_interleave(2)[:, None]
-    return hidden[pair, at], labels
+    return hidden[_pair_of_sequence(len(examples), device), at], labels
 
 
 def pair_logps(model, examples: list[PairExample], *, zero3: bool = False, share_prompt: bool | None = None):

@@ -34,10 +34,10 @@ from ..nn import DAMOLoss
 from ..prompts import PromptEncoder, load_model
 from .batches import PairExample, encode_pair, pair_logps, to_device, with_responses
 
-# loss name -> (DAMO preset, loss type)
 # the per-micro-step metrics (Trainer.micro_step), in the order they are read back from the device
 METRICS = ("loss", "chosen_reward", "rejected_reward", "margin", "accuracy", "alpha_m", "kept", "beta_mean", "beta_min",
            "beta_max", "running_mean")
+# loss name -> (DAMO preset, loss type)
 LOSSES = {"dpo": ("dpo", "sigmoid"), "ipo": ("dpo", "ipo"), "hinge": ("dpo", "hinge"),
           "d2po": ("d2po", "sigmoid"), "mdpo": ("mdpo", "sigmoid"), "damo": ("damo", "sigmoid")}
 
@@ -583,11 +583,11 @@ def precompute_reference(cfg: TrainConfig, out: str, *, model=None, processor=No
     it is now (the DAMO and RLAIF-V recipe: the reference pass runs once). Returns the pair count."""
     device = str(train_device(cfg))
     ds = deepspeed_config(cfg)
-    autocast = autocast_dtype(ds)
+    dtype, autocast = training_dtype(ds), autocast_dtype(ds)
     if model is None:
         # the precision training will give the policy (also a DeepSpeed JSON's), so log-ratios start at 0
-        model, processor = load_model(cfg.model, device, training_dtype(ds))
-        cast_like_training(model, training_dtype(ds), autocast)
+        model, processor = load_model(cfg.model, device, dtype)
+        cast_like_training(model, dtype, autocast)
     model.eval()
     encoder = PromptEncoder(processor, template=cfg.prompt_template, images=cfg.images, device=model.device,
                             dtype=next(model.parameters()).dtype)
