@@ -1,42 +1,49 @@
 """One DPO / DAMO training micro-step (forward + backward, reference log-probs precomputed) of a LLaVA
 built from a config with random weights, N pairs that share prompt and image:
 
-  eager       the classic TRL (< 1.0) recipe: chosen and rejected concatenated into 2N sequences, the whole
-              VLM forward on them (the vision tower encodes every image twice), full logits, fp32
-              log_softmax, gather
-  trl         TRL 1.x's own path (when trl is installed): the same 2N sequences through the model patched by
-              trl's add_fused_lm_head (chunked LM head, no full logits)
-  mmalign     mmalign.train.pair_logps (vision once per pair, the prompt once per pair: chosen and rejected in
-              one decoder sequence, fused log-probs from the final hidden states)
-              + DAMOLoss with the dpo preset;  mmalign-damo: the same with the damo preset
+  eager        the classic TRL (< 1.0) recipe: chosen and rejected concatenated into 2N sequences, the whole
+               VLM forward on them (the vision tower encodes every image twice), full logits, fp32
+               log_softmax, gather
+  trl          TRL 1.x's own path (when trl is installed): the same 2N sequences through the model patched by
+               trl's add_fused_lm_head (chunked LM head, no full logits)
+  mmalign      mmalign.train.pair_logps (vision once per pair, the prompt once per pair: chosen and rejected in
+               one decoder sequence, fused log-probs from the final hidden states)
+               + DAMOLoss with the dpo preset;  mmalign-damo: the same with the damo preset
+  mmalign-2n   mmalign with share_prompt=False: chosen and rejected as 2N decoder sequences (what the shared
+               prompt saves)
+  *-ckpt       the same with Hugging Face gradient checkpointing (each decoder layer keeps only its input and
+               runs its forward again in the backward; TRL >= 1.0 turns it on by default)
 
 pairs/s = N / time. CPU: 8 pairs, 576 image tokens, a 2-layer 256-wide decoder with a 32k vocabulary,
-fp32 (--quick: 2 pairs, 1 layer, 24-token responses). GPU: 8 pairs, a 16-layer 2048-wide decoder (~1B) with a 32k vocabulary, bf16."""
+fp32 (--quick: 2 pairs, 1 layer, 24-token responses). GPU: 8 pairs, a 16-layer 2048-wide decoder (~1B) with a
+32k vocabulary, bf16. MMALIGN_BENCH_SHAPE=gpu, MMALIGN_BENCH_LAYERS=N, MMALIGN_BENCH_PRECISION=fp32|bf16 and
+MMALIGN_BENCH_PAIRS=N change the shape (conftest.decoder_dims): e.g. the GPU's widths at 1 and 2 layers on
+CPU, fp32, to project the GPU case's memory per layer."""
+import os
+
 import pytest
 import torch
 
 from mmalign.nn import DAMOLoss
-from mmalign.train import PairExample, pair_logps
+from mmalign.train import PairExample, enable_checkpointing, pair_logps
 
-from conftest import run_case
+from conftest import bench_dtype, decoder_dims, decoder_label, run_case
 
-PROVIDERS = ["eager", "trl", "mmalign", "mmalign-damo"]
+PROVIDERS = ["eager", "trl", "trl-ckpt", "mmalign", "mmalign-damo", "mmalign-2n", "mmalign-ckpt"]
 
 
 def _model(device, quick):
     from transformers import LlavaConfig, LlavaForConditionalGeneration
 
-    gpu = device == "cuda"
-    text = dict(vocab_size=32000, hidden_size=2048 if gpu else 256, intermediate_size=5632 if gpu else 512,
-                num_hidden_layers=16 if gpu else (1 if quick else 2), num_attention_heads=16 if gpu else 4,
-                num_key_value_heads=8 if gpu else 2, max_position_embeddings=4096, pad_token_id=0, eos_token_id=2)
+    text = dict(decoder_dims(device, 1 if quick else 2), max_position_embeddings=4096, pad_token_id=0, eos_token_id=2)
     vision = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
                   image_size=336, patch_size=14)
     cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_id=31999, vision_feature_layer=-1)
     torch.manual_seed(0)
-    dtype = torch.bfloat16 if gpu else torch.float32
+    dtype = bench_dtype(device)
     with torch.device(device):  # a ~1B random init on the host takes seconds
-        return LlavaForConditionalGeneration._from_config(cfg, attn_implementation="sdpa").to(device, dtype), dtype
+        model = LlavaForConditionalGeneration._from_config(cfg, attn_implementation="sdpa").to(device, dtype)
+    return model.train(), dtype, decoder_label(text)
 
 
 def _examples(device, dtype, n, quick):
@@ -72,8 +79,12 @@ def _dpo(pc, pr, rc, rr, beta=0.1):
 
 @pytest.mark.parametrize("provider", PROVIDERS)
 def test_train_step(benchmark, device, quick, provider):
-    model, dtype = _model(device, quick)
-    n = 8 if device == "cuda" else (2 if quick else 8)
+    label = provider
+    model, dtype, decoder = _model(device, quick)
+    n = int(os.environ.get("MMALIGN_BENCH_PAIRS") or (8 if device == "cuda" else (2 if quick else 8)))
+    if provider.endswith("-ckpt"):
+        enable_checkpointing(model)
+        provider = provider[:-len("-ckpt")]
     examples = _examples(device, dtype, n, quick)
     rc = torch.tensor([e.ref_chosen for e in examples], device=device)
     rr = torch.tensor([e.ref_rejected for e in examples], device=device)
@@ -97,15 +108,17 @@ def test_train_step(benchmark, device, quick, provider):
             loss.backward()
             return loss
     else:
-        loss_fn = DAMOLoss(beta=0.1, preset="dpo" if provider == "mmalign" else "damo").to(device)
+        loss_fn = DAMOLoss(beta=0.1, preset="damo" if provider == "mmalign-damo" else "dpo").to(device)
+        share = False if provider == "mmalign-2n" else None  # None: the default (shared here)
 
         def step():
-            pc, pr = pair_logps(model, examples)
+            pc, pr = pair_logps(model, examples, share_prompt=share)
             loss = loss_fn(pc.float(), pr.float(), rc, rr).loss
             loss.backward()
             return loss
 
-    benchmark.group = f"train step fwd+bwd pairs={n}"
-    run_case(benchmark, device, step, lambda: (), op="train_step", mode="fwd+bwd", provider=provider,
-             shape=f"pairs={n} image_tokens=576 response={len(examples[0].chosen_ids)} {str(dtype).replace('torch.', '')}",
+    benchmark.group = f"train step fwd+bwd {decoder} pairs={n}"
+    run_case(benchmark, device, step, lambda: (), op="train_step", mode="fwd+bwd", provider=label,
+             shape=f"{decoder} pairs={n} image_tokens=576 response={len(examples[0].chosen_ids)} "
+                   f"{str(dtype).replace('torch.', '')}",
              pairs=n, rounds=3 if device == "cuda" else (1 if quick else 2))

@@ -8,13 +8,17 @@ Models built from configs with random weights, synthetic caption pairs, referenc
 frozen copy of the initial model in both. kind="text": a Llama; kind="vlm": a LLaVA with 576 image
 tokens (336 px, 14 px patches), the same prompt format on both sides (a chat template on the processor).
 CPU: 4-layer 256-wide decoder, 32k vocabulary, 8 pairs per step, fp32. GPU: 16-layer 2048-wide (~1B),
-8 pairs, bf16 mixed precision. pairs/s = steps x pairs / time. Memory: everything the trainer holds at
+8 pairs, bf16 mixed precision (MMALIGN_BENCH_SHAPE, MMALIGN_BENCH_LAYERS, MMALIGN_BENCH_PRECISION: see
+conftest.decoder_dims). pairs/s = steps x pairs / time. Memory: everything the trainer holds at
 its peak, i.e. what its construction left allocated (both models, and what DeepSpeed allocates up front:
 bf16 mode's fp32 master weights) plus the peak of train() above that (activations, gradients, the
 optimizer moments both create at the first step).
 
 The two do the same work in the same precision:
-- No gradient checkpointing on either side (TRL >= 1.0 turns it on by default: it is turned off here).
+- Gradient checkpointing only where the provider says -ckpt: trl-ckpt is TRL >= 1.0's default (it turns
+  checkpointing on unless told otherwise), trl without it is TRL's fastest; mmalign-*-ckpt checkpoint each
+  decoder layer the same way (Hugging Face's gradient checkpointing: one more policy forward per step, the
+  activations of a layer's input only).
 - bf16 is mixed precision on both sides: fp32 master weights and fp32 Adam moments, bf16 compute. mmalign
   through DeepSpeed's bf16 mode (bf16 weights, fp32 master copy), and as mmalign-dpo-autocast through
   DeepSpeed's torch_autocast (fp32 weights under torch.autocast, the reference's linear layers in bf16);
@@ -32,9 +36,10 @@ import torch
 from mmalign import synthetic
 from mmalign._measure import memory_left
 
-from conftest import run_case
+from conftest import bench_dtype, decoder_dims, decoder_label, run_case
 
-PROVIDERS = ["trl", "mmalign-dpo", "mmalign-damo", "mmalign-dpo-autocast"]
+PROVIDERS = ["trl", "trl-ckpt", "mmalign-dpo", "mmalign-damo", "mmalign-dpo-autocast", "mmalign-dpo-ckpt",
+             "mmalign-dpo-autocast-ckpt"]
 STEPS = 3
 
 
@@ -48,14 +53,10 @@ def _setup(device, quick, kind):
     from transformers import (CLIPImageProcessor, LlamaConfig, LlamaForCausalLM, LlavaConfig,
                               LlavaForConditionalGeneration, LlavaProcessor)
 
-    gpu = device == "cuda"
     tok = synthetic.word_tokenizer(image_token="<image>" if kind == "vlm" else None)
-    text = dict(vocab_size=32000, hidden_size=2048 if gpu else 256, intermediate_size=5632 if gpu else 512,
-                num_hidden_layers=16 if gpu else (2 if quick else 4), num_attention_heads=16 if gpu else 4,
-                num_key_value_heads=8 if gpu else 2, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-                bos_token_id=tok.bos_token_id)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[os.environ.get("MMALIGN_BENCH_PRECISION",
-                                                                          "bf16" if gpu else "fp32")]
+    text = dict(decoder_dims(device, 2 if quick else 4), pad_token_id=tok.pad_token_id,
+                eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
+    dtype = bench_dtype(device)
     processor = tok
     if kind == "vlm":
         vision = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
@@ -81,7 +82,7 @@ def _setup(device, quick, kind):
     with open(os.path.join(work, "pairs.jsonl"), "w") as f:
         for r in rows:
             f.write(json.dumps({**r, "prompt": "Describe the image ."}) + "\n")
-    return processor, model, dtype, work, rows
+    return processor, model, dtype, work, rows, decoder_label(text)
 
 
 def _trl_rows(rows, work, kind):
@@ -102,9 +103,10 @@ def _trl_rows(rows, work, kind):
 def test_trainer_steps(benchmark, device, quick, provider, kind):
     if quick:
         pytest.skip("--quick: whole trainers take minutes")
-    tok, model, dtype, work, rows = _setup(device, quick, kind)
+    tok, model, dtype, work, rows, decoder = _setup(device, quick, kind)
     pairs = 8
-    if provider == "trl":
+    ckpt = provider.endswith("-ckpt")
+    if provider.startswith("trl"):
         datasets = pytest.importorskip("datasets")
         trl = pytest.importorskip("trl")
         ds = datasets.Dataset.from_list(_trl_rows(rows, work, kind))
@@ -114,7 +116,7 @@ def test_trainer_steps(benchmark, device, quick, provider, kind):
                                  max_steps=STEPS, learning_rate=1e-5, beta=0.1, report_to=[], save_strategy="no",
                                  use_cpu=device == "cpu", bf16=dtype == torch.bfloat16, logging_steps=STEPS,
                                  disable_tqdm=True, max_length=None if kind == "vlm" else 128,
-                                 gradient_checkpointing=False)
+                                 gradient_checkpointing=ckpt)
             # bf16: an fp32 policy under autocast (mixed precision, as DeepSpeed's bf16 mode), a bf16 reference
             return (trl.DPOTrainer(model=model(torch.float32), ref_model=model(), args=args, train_dataset=ds,
                                    processing_class=tok),)
@@ -122,7 +124,7 @@ def test_trainer_steps(benchmark, device, quick, provider, kind):
         pytest.importorskip("deepspeed")
         from mmalign.train import Trainer, TrainConfig
 
-        autocast = provider.endswith("-autocast")
+        autocast = "-autocast" in provider
         if autocast and dtype != torch.bfloat16:
             pytest.skip("autocast is a bf16 mode (the GPU default; MMALIGN_BENCH_PRECISION=bf16 on CPU)")
 
@@ -132,7 +134,7 @@ def test_trainer_steps(benchmark, device, quick, provider, kind):
                               loss=provider.split("-")[1], reference="model", micro_batch_size=pairs, max_steps=STEPS,
                               lr=1e-5, bf16=dtype == torch.bfloat16, autocast=autocast, progress=False, tensorboard=False,
                               resume=False, save_final=False, max_length=1024 if kind == "vlm" else 128,
-                              gradient_checkpointing=False)
+                              gradient_checkpointing=ckpt)
             return (Trainer(cfg, model=model(torch.float32), processor=tok),)  # DeepSpeed casts it for bf16
 
     held = []
@@ -142,7 +144,8 @@ def test_trainer_steps(benchmark, device, quick, provider, kind):
         held.append(left)
         return trainer
 
-    benchmark.group = f"trainer ({kind}) {STEPS} steps x {pairs} pairs, memory: all the trainer holds at its peak"
+    benchmark.group = f"trainer ({kind}, {decoder}) {STEPS} steps x {pairs} pairs, memory: all the trainer holds at its peak"
     run_case(benchmark, device, lambda t: t.train(), built, op="trainer", mode=f"{STEPS} steps", provider=provider,
-             shape=f"{kind} {STEPS} steps x {pairs} pairs {str(dtype).replace('torch.', '')}", pairs=STEPS * pairs,
+             shape=f"{kind} {decoder} {STEPS} steps x {pairs} pairs {str(dtype).replace('torch.', '')}",
+             pairs=STEPS * pairs,
              rounds=2 if device == "cuda" else (3 if kind == "text" else 1), held_bytes=lambda: held[-1], collect=True)

@@ -37,6 +37,27 @@ def quick(request):
     return request.config.getoption("--quick")
 
 
+def decoder_dims(device, cpu_layers: int) -> dict:
+    """The decoder of the training benchmarks (bench_train, bench_trainers): ~1B on a GPU (16 layers, 2048 wide,
+    32k vocabulary), a small one on CPU. MMALIGN_BENCH_SHAPE=gpu takes the GPU's widths on any device and
+    MMALIGN_BENCH_LAYERS=N sets the layer count: a CPU projection of the GPU case (memory and time are linear
+    in the layer count: measure 1 and 2 layers, extrapolate to 16)."""
+    gpu = device == "cuda" or os.environ.get("MMALIGN_BENCH_SHAPE") == "gpu"
+    layers = int(os.environ.get("MMALIGN_BENCH_LAYERS") or (16 if gpu else cpu_layers))
+    return dict(vocab_size=32000, hidden_size=2048 if gpu else 256, intermediate_size=5632 if gpu else 512,
+                num_hidden_layers=layers, num_attention_heads=16 if gpu else 4, num_key_value_heads=8 if gpu else 2)
+
+
+def decoder_label(dims: dict) -> str:
+    return f"decoder {dims['num_hidden_layers']}x{dims['hidden_size']}"
+
+
+def bench_dtype(device) -> torch.dtype:
+    """bf16 on a GPU, fp32 on CPU (where bf16 matmuls are slow); MMALIGN_BENCH_PRECISION=fp32|bf16 overrides."""
+    name = os.environ.get("MMALIGN_BENCH_PRECISION", "bf16" if device == "cuda" else "fp32")
+    return {"fp32": torch.float32, "bf16": torch.bfloat16}[name]
+
+
 def _versions() -> str:
     import mmalign
 

@@ -199,6 +199,14 @@ def cast_like_training(model: torch.nn.Module, dtype: torch.dtype, autocast: tor
     return model
 
 
+def enable_checkpointing(model: torch.nn.Module) -> None:
+    """Hugging Face gradient checkpointing: each decoder layer keeps its input only and runs its forward again in
+    the backward (one more forward of the policy per step; activations fall from all of each layer's to its
+    input's). transformers >= 5.2x names it activation_checkpointing_enable (the old name warns)."""
+    getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)()
+    model.config.use_cache = False
+
+
 def _frozen_copy(model: torch.nn.Module, dtype: torch.dtype, autocast: torch.dtype | None = None) -> torch.nn.Module:
     """The live reference: a frozen copy of the initial policy, cast by :func:`cast_like_training`."""
     return cast_like_training(copy.deepcopy(model).eval().requires_grad_(False), dtype, autocast)
@@ -267,9 +275,7 @@ class Trainer:
             raise ValueError("processor: give the model's processor (or tokenizer) with the model")
         model.train()
         if cfg.gradient_checkpointing:
-            # transformers >= 5.2x names it activation_checkpointing_enable (the old name warns)
-            getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)()
-            model.config.use_cache = False
+            enable_checkpointing(model)
         self.ds_config = deepspeed_config(cfg)
         dtype = training_dtype(self.ds_config, model)
         self.autocast = autocast_dtype(self.ds_config)

@@ -13,7 +13,7 @@ pytest.importorskip("deepspeed")
 
 from mmalign.cli import main  # noqa: E402
 from mmalign.prompts import PromptEncoder, load_model  # noqa: E402
-from mmalign.train import Trainer, TrainConfig, encode_pair, pair_logps  # noqa: E402
+from mmalign.train import Trainer, TrainConfig, enable_checkpointing, encode_pair, pair_logps  # noqa: E402
 from mmalign.train.trainer import _init_distributed, train_device  # noqa: E402
 from mmalign import data, jobs  # noqa: E402
 
@@ -90,6 +90,37 @@ def test_pair_logps_equal_eager_and_encode_each_image_once(setup, zero3, share_p
     rtol, atol = (1e-6, 1e-6) if share_prompt else (1e-9, 1e-10)
     for g, p in zip(ours, (model.lm_head.weight, model.model.multi_modal_projector.linear_1.weight)):
         torch.testing.assert_close(g, p.grad, rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("share_prompt", [False, True], ids=["2N-sequences", "shared-prompt"])
+def test_pair_logps_under_gradient_checkpointing(setup, share_prompt):
+    """Gradient checkpointing reruns each decoder layer in the backward, with the shared prompt's 4D mask and
+    position ids: log-probs and gradients are bit-identical to a run without it (float64)."""
+    root, model_dir = setup
+    model, processor = load_model(model_dir, "cpu", torch.float64)
+    model.train()
+    examples = _examples(model, processor, root)
+    # the layer's first module: transformers checkpoints the layer's forward (not its hooks), and the recompute
+    # stops once it has rebuilt the last tensor the backward needs (torch's checkpoint early stop)
+    calls = []
+    model.model.language_model.layers[0].input_layernorm.register_forward_hook(lambda *a: calls.append(1))
+
+    def run():
+        calls.clear()
+        pc, pr = pair_logps(model, examples, share_prompt=share_prompt)
+        (pc.sum() + 2 * pr.sum()).backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        model.zero_grad(set_to_none=True)
+        return pc.detach(), pr.detach(), grads, len(calls)
+
+    plain = run()
+    enable_checkpointing(model)
+    ckpt = run()
+    assert (plain[3], ckpt[3]) == (1, 2)  # checkpointed: the layer's forward runs again in the backward
+    assert torch.equal(plain[0], ckpt[0]) and torch.equal(plain[1], ckpt[1])
+    assert plain[2].keys() == ckpt[2].keys() and len(plain[2]) > 20
+    for name, g in plain[2].items():
+        assert torch.equal(g, ckpt[2][name]), name
 
 
 @pytest.mark.parametrize("stage", [0, 2])
@@ -345,8 +376,10 @@ def test_mixed_dpo(setup, tmp_path):
 
 @pytest.mark.parametrize("options", [dict(zero_stage=3), dict(zero_stage=2, bf16=True),
                                      dict(bf16=True, autocast=True), dict(zero_stage=3, bf16=True, autocast=True),
-                                     dict(zero_stage=2, offload_optimizer=True), dict(gradient_checkpointing=True)],
-                         ids=["zero3", "bf16", "autocast", "autocast-zero3", "offload", "checkpointing"])
+                                     dict(zero_stage=2, offload_optimizer=True), dict(gradient_checkpointing=True),
+                                     dict(bf16=True, autocast=True, gradient_checkpointing=True)],
+                         ids=["zero3", "bf16", "autocast", "autocast-zero3", "offload", "checkpointing",
+                              "autocast-checkpointing"])
 def test_deepspeed_options_take_a_step(setup, tmp_path, options):
     """ZeRO-3 (the head runs as a module on response positions), bf16 (DeepSpeed's bf16 mode, or fp32 weights
     under torch.autocast), optimizer offload and gradient checkpointing each train, starting from the same loss
