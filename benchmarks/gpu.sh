@@ -16,10 +16,10 @@
 # call: run --tests-only and --bench-only as two calls into the same OUT_DIR, and split the benchmarks
 # with --ops (each set of suites gets its own OUT_DIR/bench-<suites> folder), e.g.
 #   --bench-only --ops=logps,fused_linear_logps,preference_loss,damo_step     --bench-only --ops=attention
-#   --bench-only --ops=bdhs     --bench-only --ops=train_step,trainers
+#   --bench-only --ops=bdhs     --bench-only --ops=train_step     --bench-only --ops=trainers
 # (on the H100 of 2026-11-23: damo_step,preference_loss 2.5 min; trainers 3.3 min and train_step 1.7 min
-# with the build; attention,bdhs together did not finish in 7.5 min: the eager per-sentence BDHS baseline
-# takes ~23 s a run)
+# with the build, for 3 trainer and 4 step providers: both suites have gained checkpointed providers since;
+# attention,bdhs together did not finish in 7.5 min: the eager per-sentence BDHS baseline takes ~23 s a run)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}

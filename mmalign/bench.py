@@ -67,6 +67,8 @@ def run(ops: list[str] | None = None, *, quick: bool = False, out: str = "bench-
            f"--benchmark-json={raw}", "--benchmark-columns=median,iqr,rounds"]
     cmd += (["--quick"] if quick else []) + (["--bench-device", device] if device else []) + list(extra_args or [])
     started = _dt.datetime.now(_dt.timezone.utc)
+    commit = _commit(bench.parent)  # the tree that runs (edits made while the suites run do not count)
+    settings = " ".join(f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("MMALIGN_BENCH_"))
     # pytest-benchmark turns itself off when it sees an xdist worker's variables (inherited when a test
     # suite run under pytest-xdist calls this): the benchmarks run in a plain pytest of their own
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")}
@@ -76,7 +78,6 @@ def run(ops: list[str] | None = None, *, quick: bool = False, out: str = "bench-
     if not raw.exists() or not json.loads(raw.read_text()).get("benchmarks"):
         raise RuntimeError(f"no benchmark ran (every case skipped: see the reasons above; is --bench-device "
                            f"{device or 'auto'} available?): {' '.join(cmd)}")
-    commit = _commit(bench.parent)
     sys.path.insert(0, str(bench))
     try:
         import report
@@ -90,5 +91,5 @@ def run(ops: list[str] | None = None, *, quick: bool = False, out: str = "bench-
     (out / "meta.txt").write_text(
         f"device: {first.get('device', '?')}\nversions: {first.get('versions', '?')}\n"
         f"date: {started.isoformat(timespec='seconds')}\ncommit: {commit}\nops: {','.join(ops)}\nquick: {quick}\n"
-        f"command: {' '.join(cmd)}\n")
+        f"settings: {settings or 'defaults'}\ncommand: {' '.join(cmd)}\n")
     return out

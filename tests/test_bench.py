@@ -7,7 +7,8 @@ from mmalign import bench
 from mmalign.cli import main
 
 
-def test_bench_writes_a_report_folder(tmp_path, capsys):
+def test_bench_writes_a_report_folder(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("MMALIGN_BENCH_PAIRS", "3")  # a shape override is recorded (these suites ignore it)
     out = tmp_path / "report"
     assert main(["bench", "--ops", "preference_loss,damo_step", "--quick", "--bench-device", "cpu",
                  "--out", str(out)]) == 0
@@ -17,7 +18,7 @@ def test_bench_writes_a_report_folder(tmp_path, capsys):
     assert "## preference_loss fwd+bwd N=16" in text and "## damo_step fwd N=16" in text
     assert "speedup vs eager" in text and "commit:" in text and "versions:" in text
     meta = (out / "meta.txt").read_text()
-    assert "device: cpu" in meta and "quick: True" in meta
+    assert "device: cpu" in meta and "quick: True" in meta and "settings: MMALIGN_BENCH_PAIRS=3" in meta
     raw = json.loads((out / "raw.json").read_text())
     assert all("peak_mem_bytes" in b["extra_info"] for b in raw["benchmarks"])
     assert "report folder" in capsys.readouterr().out
