@@ -377,9 +377,10 @@ def test_mixed_dpo(setup, tmp_path):
 @pytest.mark.parametrize("options", [dict(zero_stage=3), dict(zero_stage=2, bf16=True),
                                      dict(bf16=True, autocast=True), dict(zero_stage=3, bf16=True, autocast=True),
                                      dict(zero_stage=2, offload_optimizer=True), dict(gradient_checkpointing=True),
-                                     dict(bf16=True, autocast=True, gradient_checkpointing=True)],
+                                     dict(bf16=True, autocast=True, gradient_checkpointing=True),
+                                     dict(zero_stage=3, gradient_checkpointing=True)],
                          ids=["zero3", "bf16", "autocast", "autocast-zero3", "offload", "checkpointing",
-                              "autocast-checkpointing"])
+                              "autocast-checkpointing", "zero3-checkpointing"])
 def test_deepspeed_options_take_a_step(setup, tmp_path, options):
     """ZeRO-3 (the head runs as a module on response positions), bf16 (DeepSpeed's bf16 mode, or fp32 weights
     under torch.autocast), optimizer offload and gradient checkpointing each train, starting from the same loss
