@@ -215,7 +215,10 @@ def _add_train(sub) -> None:
                    help="with --bf16: fp32 weights and the forward under torch.autocast (DeepSpeed's torch_autocast, the "
                         "precision of Hugging Face's Trainer) instead of DeepSpeed's bf16 mode (bf16 weights, fp32 master)")
     t.add_argument("--offload-optimizer", action="store_true")
-    t.add_argument("--gradient-checkpointing", action="store_true")
+    t.add_argument("--gradient-checkpointing", action="store_true",
+                   help="each decoder layer keeps only its input and reruns its forward in the backward (measured on a "
+                        "CPU at a 1B decoder's widths: 95%% less activation memory per layer for 30%% more time per "
+                        "layer; README: 'Measured: one training step')")
     t.add_argument("--loss", choices=sorted(LOSSES))
     t.add_argument("--beta", type=float)
     t.add_argument("--lr", type=float)
