@@ -79,23 +79,22 @@ def _dpo(pc, pr, rc, rr, beta=0.1):
 
 @pytest.mark.parametrize("provider", PROVIDERS)
 def test_train_step(benchmark, device, quick, provider):
-    label = provider
     model, dtype, decoder = _model(device, quick)
     n = int(os.environ.get("MMALIGN_BENCH_PAIRS") or (8 if device == "cuda" else (2 if quick else 8)))
     if provider.endswith("-ckpt"):
         enable_checkpointing(model)
-        provider = provider[:-len("-ckpt")]
+    path = provider.removesuffix("-ckpt")
     examples = _examples(device, dtype, n, quick)
     rc = torch.tensor([e.ref_chosen for e in examples], device=device)
     rr = torch.tensor([e.ref_rejected for e in examples], device=device)
-    if provider in ("eager", "trl"):
+    if path in ("eager", "trl"):
         ids, mask, labels, px = _concatenated(examples, device)
-        if provider == "trl":
+        if path == "trl":
             trl_utils = pytest.importorskip("trl.trainer.utils")
             trl_utils.add_fused_lm_head(model)
 
         def step():
-            if provider == "eager":
+            if path == "eager":
                 logits = model(input_ids=ids, attention_mask=mask, pixel_values=px).logits[:, :-1].float()
                 target = labels[:, 1:]
                 lp = torch.log_softmax(logits, -1).gather(-1, target.clamp_min(0)[..., None])[..., 0]
@@ -108,8 +107,8 @@ def test_train_step(benchmark, device, quick, provider):
             loss.backward()
             return loss
     else:
-        loss_fn = DAMOLoss(beta=0.1, preset="damo" if provider == "mmalign-damo" else "dpo").to(device)
-        share = False if provider == "mmalign-2n" else None  # None: the default (shared here)
+        loss_fn = DAMOLoss(beta=0.1, preset="damo" if path == "mmalign-damo" else "dpo").to(device)
+        share = False if path == "mmalign-2n" else None  # None: the default (shared here)
 
         def step():
             pc, pr = pair_logps(model, examples, share_prompt=share)
@@ -118,7 +117,7 @@ def test_train_step(benchmark, device, quick, provider):
             return loss
 
     benchmark.group = f"train step fwd+bwd {decoder} pairs={n}"
-    run_case(benchmark, device, step, lambda: (), op="train_step", mode="fwd+bwd", provider=label,
+    run_case(benchmark, device, step, lambda: (), op="train_step", mode="fwd+bwd", provider=provider,
              shape=f"{decoder} pairs={n} image_tokens=576 response={len(examples[0].chosen_ids)} "
                    f"{str(dtype).replace('torch.', '')}",
              pairs=n, rounds=3 if device == "cuda" else (1 if quick else 2))

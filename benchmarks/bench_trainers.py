@@ -144,7 +144,8 @@ def test_trainer_steps(benchmark, device, quick, provider, kind):
         held.append(left)
         return trainer
 
-    benchmark.group = f"trainer ({kind}, {decoder}) {STEPS} steps x {pairs} pairs, memory: all the trainer holds at its peak"
+    benchmark.group = (f"trainer ({kind}, {decoder}) {STEPS} steps x {pairs} pairs, "
+                       "memory: all the trainer holds at its peak")
     run_case(benchmark, device, lambda t: t.train(), built, op="trainer", mode=f"{STEPS} steps", provider=provider,
              shape=f"{kind} {decoder} {STEPS} steps x {pairs} pairs {str(dtype).replace('torch.', '')}",
              pairs=STEPS * pairs,
