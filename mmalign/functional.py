@@ -168,6 +168,17 @@ def _check_pair_inputs(logps, beta, running_mean, alpha_d, weights):
     return N, dev
 
 
+def _one_dtype(logps: tuple) -> tuple:
+    """The four log-probs in their common dtype (torch's type promotion, as the eager reference computes
+    with them; a differentiable cast, only when they differ): every kernel takes one input dtype."""
+    dt = logps[0].dtype
+    if logps[1].dtype is dt and logps[2].dtype is dt and logps[3].dtype is dt:
+        return logps
+    for t in logps[1:]:
+        dt = torch.promote_types(dt, t.dtype)
+    return tuple(t.to(dt) for t in logps)
+
+
 def _check_pair_values(logps, beta, running_mean, alpha_d, weights):
     """Finite inputs and beta > 0: one fused test and one host synchronization (the C++ kernel makes
     the same test itself, for free; the slow search for the culprit runs only on failure)."""
@@ -194,16 +205,18 @@ def preference_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: to
                     reduction: str = "mean", check_inputs: bool = True, backend: str | None = None):
     """DPO / IPO / hinge loss with a scalar or per-pair beta, SPEC.md section 2, in one fused launch.
 
-    Args: the four (N,) sequence log-probs; ``beta`` a float, 0-dim or (N,) tensor (> 0, a constant
-    for gradients); ``weights`` (N,) per-pair weights. reduction="mean": sum(w l) / sum(w) (plain mean
-    without weights); "none": w l per pair.
+    Args: the four (N,) sequence log-probs (of different float dtypes: computed in their promoted dtype,
+    as torch promotes them); ``beta`` a float, 0-dim or (N,) tensor (> 0, a constant for gradients);
+    ``weights`` (N,) per-pair weights. reduction="mean": sum(w l) / sum(w) (plain mean without
+    weights); "none": w l per pair.
     Returns: :class:`PreferenceLoss` (loss, losses, chosen_rewards, rejected_rewards, margins,
     accuracies); gradients flow to the four log-probs."""
     _checks.choice("loss_type", loss_type, ("sigmoid", "ipo", "hinge"))
     _checks.choice("reduction", reduction, ("mean", "none"))
     logps = (policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
     N, dev = _check_pair_inputs(logps, beta, None, None, weights)
-    name = _dispatch.select("preference_loss", dev, policy_chosen_logps.dtype, backend, n=N)
+    logps = _one_dtype(logps)
+    name = _dispatch.select("preference_loss", dev, logps[0].dtype, backend, n=N)
     if check_inputs and name != "cpp":  # the C++ kernel checks the values itself
         _check_pair_values(logps, beta, None, None, weights)
     if name == "reference":
@@ -230,7 +243,8 @@ def damo_step(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Te
     """The model-aware DAMO step of SPEC.md section 3 (and section 5's presets) in one launch.
 
     Args:
-        policy_*/ref_* logps: (N,) sequence log-probs (policy ones differentiable).
+        policy_*/ref_* logps: (N,) sequence log-probs (policy ones differentiable); of different float
+            dtypes, they are computed in their promoted dtype (torch.promote_types), on every backend.
         running_mean: 0-dim float32 tensor g (init 0). Updated in place with ``inplace=True``; the
             updated value is returned either way.
         beta: base beta (float, 0-dim or (N,) tensor); alpha_d: (N,) data-aware factors or None.
@@ -264,6 +278,7 @@ def damo_step(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Te
         cfg = _config(preset, variant, selection, filter, keep, gamma, combine, rho, loss_type, label_smoothing)
     logps = (policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
     N, dev = _check_pair_inputs(logps, beta, running_mean, alpha_d, weights)
+    logps = _one_dtype(logps)
     if isinstance(step, torch.Tensor) and not (step.dim() == 0 and step.dtype == torch.int64 and step.device == dev):
         _checks.tensor("step", step, shape=(), dtypes=(torch.int64,), device=dev)
     if not isinstance(seed, int) or not 0 <= seed < 2**63:
@@ -275,7 +290,7 @@ def damo_step(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Te
         return _damo_step_distributed(logps, running_mean, beta, alpha_d, weights, cfg, seed, step, increment_step,
                                       inplace, group, backend)
     ds.kernel_args(cfg, N)  # raises when K > N (cached per config and N)
-    name = _dispatch.select("damo_step", dev, policy_chosen_logps.dtype, backend, n=N)
+    name = _dispatch.select("damo_step", dev, logps[0].dtype, backend, n=N)
     if check_inputs and name != "cpp":  # the C++ kernel checks the values itself
         _check_pair_values(logps, beta, running_mean, alpha_d, weights)
     return _damo_step_local(logps, running_mean, beta, alpha_d, weights, cfg, seed, step, increment_step, inplace,

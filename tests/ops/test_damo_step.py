@@ -1,4 +1,5 @@
 """The fused DAMO step against the literal reference of SPEC.md sections 2, 3 and 5, every backend."""
+import functools
 import itertools
 import math
 
@@ -313,6 +314,26 @@ def test_gradient_through_per_pair_losses(rng, device, backend, dtype):
         for a, b in zip(torch.autograd.grad(f(out), logps, retain_graph=True),
                         torch.autograd.grad(f(ref), logps, retain_graph=True)):
             torch.testing.assert_close(a, b)
+
+
+MIXED = [(torch.float32, torch.float64, torch.float32, torch.float32),
+         (torch.float16, torch.float32, torch.bfloat16, torch.float32)]
+
+
+@pytest.mark.parametrize("device,backend,dtype", cases(OP, (torch.float32,)))
+@pytest.mark.parametrize("dtypes", MIXED, ids=lambda d: "-".join(str(t)[6:] for t in d))
+def test_mixed_input_dtypes_compute_in_the_promoted_dtype(rng, device, backend, dtype, dtypes):
+    """Log-probs of different dtypes (say a float64 policy and a float32 reference) give every backend
+    the reference's result in torch's promoted dtype, and each input its gradient in its own dtype."""
+    logps, alpha_d = _inputs(rng, 12, device)
+    logps = [t.to(dt).requires_grad_() for t, dt in zip(logps, dtypes)]
+    g = torch.tensor(0.3, device=device)
+    out, ref = _run(logps, alpha_d, g, {}, backend), _ref(logps, alpha_d, g, {})
+    assert out.loss.dtype == ref.loss.dtype == functools.reduce(torch.promote_types, dtypes)
+    _assert_same(out, ref)
+    for t, a, b in zip(logps, torch.autograd.grad(out.loss, logps), torch.autograd.grad(ref.loss, logps)):
+        assert a.dtype == t.dtype
+        torch.testing.assert_close(a, b)
 
 
 def test_inference_mode_runs_without_autograd(rng):

@@ -47,6 +47,19 @@ def test_gradcheck(rng, device, backend, dtype, loss_type):
                                      backend=backend).loss, logps)
 
 
+@pytest.mark.parametrize("device,backend,dtype", cases(OP, (torch.float32,)))
+def test_mixed_input_dtypes_compute_in_the_promoted_dtype(rng, device, backend, dtype):
+    """A float64 policy with float32 reference log-probs: float64 results, as the reference gives."""
+    logps = [t.to(dt).requires_grad_() for t, dt in
+             zip(_logps(rng, 9, device), (torch.float64, torch.float64, torch.float32, torch.float32))]
+    out, ref = F.preference_loss(*logps, 0.3, backend=backend), preference_loss_reference(*logps, 0.3)
+    for name in out._fields:
+        assert getattr(out, name).dtype == getattr(ref, name).dtype, name
+        torch.testing.assert_close(getattr(out, name), getattr(ref, name), msg=name)
+    for a, b in zip(torch.autograd.grad(out.loss, logps), torch.autograd.grad(ref.loss, logps)):
+        torch.testing.assert_close(a, b)
+
+
 def test_dpo_is_the_textbook_formula(rng):
     pc, pr, rc, rr = _logps(rng, 8, "cpu")
     out = F.preference_loss(pc, pr, rc, rr, 0.1)
