@@ -153,14 +153,15 @@ def select(op: str, device, dtype: torch.dtype, backend: str | None = None, n: i
     """The backend that runs ``op`` on (device, dtype) for ``n`` rows (None: any): ``backend`` if given,
     else ``MMALIGN_BACKEND``, else the first of ``PRIORITY`` that can run (the CUDA kernel only up to the
     op's ``cuda_auto_max_n``). A forced backend that cannot run raises. The answer is cached per (op,
-    device type, dtype, backend, past cuda_auto_max_n, MMALIGN_BACKEND, TRITON_INTERPRET)."""
+    device, dtype, backend, past cuda_auto_max_n, MMALIGN_BACKEND, TRITON_INTERPRET); the key holds the
+    device itself (hashing a torch.device is ~8x cheaper than reading its ``.type``)."""
     limit = TABLE[op].cuda_auto_max_n if op in TABLE else None
-    return _select(op, _device_type(device), dtype, backend, n is not None and limit is not None and n > limit,
+    return _select(op, device, dtype, backend, n is not None and limit is not None and n > limit,
                    _raw_env("MMALIGN_BACKEND"), _raw_env("TRITON_INTERPRET"))
 
 
 @functools.lru_cache(maxsize=1024)
-def _select(op: str, device: str, dtype: torch.dtype, backend, too_big_for_cuda: bool, _env, _interp) -> str:
+def _select(op: str, device, dtype: torch.dtype, backend, too_big_for_cuda: bool, _env, _interp) -> str:
     forced, source = (backend, "backend=") if backend is not None else (_forced(op), "MMALIGN_BACKEND")
     if forced is not None:
         if forced not in BACKENDS:
