@@ -76,6 +76,16 @@ class DAMOLoss(torch.nn.Module):
                            increment_step=self.training, inplace=self.training, group=group,
                            check_inputs=self.check_inputs, backend=self.backend)
 
+    def _apply(self, fn, recurse=True):
+        """Device moves follow the module; dtype casts (``model.bfloat16()``, ``.half()``, ``.double()``,
+        ``.to(dtype)`` of a model holding this loss) leave the running mean float32, the dtype of the
+        kernels' state, and its value exact (a bf16 round trip would change it)."""
+        g = self.running_mean
+        super()._apply(fn, recurse)
+        if self.running_mean.dtype != torch.float32:
+            self.running_mean = g.to(self.running_mean.device)
+        return self
+
     def get_extra_state(self):
         return {"seed": self.seed, "config": dataclasses.asdict(self.config), "beta": self.beta}
 

@@ -415,6 +415,23 @@ def test_module_state_and_modes(rng):
     assert (m.running_mean.item(), m.step.item()) == before
 
 
+@pytest.mark.parametrize("cast", ["bfloat16", "half", "double", "to"])
+def test_module_keeps_a_float32_running_mean_through_model_casts(rng, cast):
+    """A model holding the loss, cast to another dtype as a whole (model.bfloat16() and the like), keeps
+    the loss's running mean float32 and exact, and the loss still runs on logps of the new dtype."""
+    logps, alpha_d = _inputs(rng, 16, "cpu")
+    model = torch.nn.Module()
+    model.head, model.loss = torch.nn.Linear(2, 2), mmalign.nn.DAMOLoss(seed=1)
+    model.loss(*logps, alpha_d=alpha_d)
+    g = model.loss.running_mean.clone()
+    model = model.to(torch.float16) if cast == "to" else getattr(model, cast)()
+    assert model.head.weight.dtype != torch.float32
+    assert model.loss.running_mean.dtype == torch.float32 and torch.equal(model.loss.running_mean, g)
+    assert model.loss.step.dtype == torch.int64
+    out = model.loss(*[t.to(model.head.weight.dtype) for t in logps], alpha_d=alpha_d)
+    assert out.running_mean is model.loss.running_mean and model.loss.step.item() == 2
+
+
 def test_opcheck(rng):
     if "cpp" not in backends(OP, "cpu", torch.float32):
         pytest.skip("extension not built")
