@@ -3,6 +3,7 @@ backend through mmalign._dispatch, and calls the op's autograd Function or its e
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 import torch.distributed
@@ -80,6 +81,7 @@ def fused_linear_sequence_logps(hidden: torch.Tensor, weight: torch.Tensor, labe
                                 reduction: str = "sum", return_token_logps: bool = False,
                                 chunk_size: int | None = None, memory_budget_mb: float = 256.0,
                                 accumulate_fp32: bool = True, check_labels: bool = True,
+                                logit_scale: float = 1.0, logit_softcap: float | None = None,
                                 backend: str | None = None):
     """``sequence_logps(hidden @ weight.T + bias, labels)`` without the logits of all tokens, SPEC.md §1.
 
@@ -92,6 +94,10 @@ def fused_linear_sequence_logps(hidden: torch.Tensor, weight: torch.Tensor, labe
         weight: (V, H) LM head; bias: (V,) or None. Same dtype and device as ``hidden``.
         labels: (B, T) int64, values in [0, V) or ``ignore_index``.
         accumulate_fp32: accumulate grad_weight/grad_bias in fp32 across chunks for fp16/bf16.
+        logit_scale, logit_softcap: the model family's transform of the head's output, if any
+            (:func:`mmalign.lm_logits.logit_transform` reads it from a Hugging Face model): the logits are
+            ``softcap * tanh(logit_scale * z / softcap)`` (Gemma-2's soft-capping; Cohere multiplies by a
+            scale, Granite divides: scale = 1 / logits_scaling).
     Under ``torch.autocast`` the op does what autocast does for a linear layer: hidden, weight and bias are
     cast to the autocast dtype (differentiably: an fp32 weight gets its gradient in fp32), and forward and
     backward both run in that dtype.
@@ -103,7 +109,8 @@ def fused_linear_sequence_logps(hidden: torch.Tensor, weight: torch.Tensor, labe
             return fused_linear_sequence_logps(
                 cast(hidden), cast(weight), labels, bias=cast(bias), ignore_index=ignore_index, reduction=reduction,
                 return_token_logps=return_token_logps, chunk_size=chunk_size, memory_budget_mb=memory_budget_mb,
-                accumulate_fp32=accumulate_fp32, check_labels=check_labels, backend=backend)
+                accumulate_fp32=accumulate_fp32, check_labels=check_labels, logit_scale=logit_scale,
+                logit_softcap=logit_softcap, backend=backend)
     _checks.tensor("hidden", hidden, dim=3, dtypes=_checks.FLOATS)
     B, T, H = hidden.shape
     _checks.tensor("weight", weight, dim=2, shape=(None, H), dtypes=(hidden.dtype,), device=hidden.device)
@@ -114,22 +121,32 @@ def fused_linear_sequence_logps(hidden: torch.Tensor, weight: torch.Tensor, labe
     _checks.choice("reduction", reduction, ("sum", "mean"))
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size: expected a positive int or None, got {chunk_size!r}")
+    scale, softcap = _logit_transform_args(logit_scale, logit_softcap)
     if check_labels:
         _checks.labels("labels", labels, V, ignore_index)
     labels = labels.long()
     name = _dispatch.select("fused_linear_sequence_logps", hidden.device, hidden.dtype, backend)
     if name == "reference":
-        tok = fused_linear_token_logps_reference(hidden, weight, labels, bias, ignore_index)
+        tok = fused_linear_token_logps_reference(hidden, weight, labels, bias, ignore_index, scale, softcap)
     else:
         flat = labels.reshape(-1)
         rows = (flat != ignore_index).nonzero().squeeze(1)
         h_sel = hidden.reshape(B * T, H).index_select(0, rows)
         chunk = chunk_size or chunk_rows(V, hidden.dtype, memory_budget_mb)
         tok_sel = FusedLinearTokenLogpsFunction.apply(h_sel, weight, bias, flat.index_select(0, rows).contiguous(),
-                                                      ignore_index, name, chunk, accumulate_fp32)
+                                                      ignore_index, name, chunk, accumulate_fp32, scale, softcap)
         tok = tok_sel.new_zeros(B * T).index_copy(0, rows, tok_sel).view(B, T)
     logps = reduce_token_logps(tok, labels, ignore_index, reduction)
     return SequenceLogps(logps, tok) if return_token_logps else logps
+
+
+def _logit_transform_args(scale, softcap) -> tuple[float, float | None]:
+    ok = lambda x: isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)  # noqa: E731
+    if not (ok(scale) and scale != 0):
+        raise ValueError(f"logit_scale: expected a finite non-zero float, got {scale!r}")
+    if softcap is not None and not (ok(softcap) and softcap > 0):
+        raise ValueError(f"logit_softcap: expected a finite float > 0 or None, got {softcap!r}")
+    return float(scale), None if softcap is None else float(softcap)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -30,16 +30,19 @@ class FusedLinearSequenceLogps(torch.nn.Module):
     weight/bias at call time (the module owns no parameters)."""
 
     def __init__(self, ignore_index: int = -100, reduction: str = "sum", chunk_size: int | None = None,
-                 memory_budget_mb: float = 256.0, backend: str | None = None):
+                 memory_budget_mb: float = 256.0, logit_scale: float = 1.0, logit_softcap: float | None = None,
+                 backend: str | None = None):
         super().__init__()
         self.ignore_index, self.reduction = ignore_index, reduction
         self.chunk_size, self.memory_budget_mb, self.backend = chunk_size, memory_budget_mb, backend
+        self.logit_scale, self.logit_softcap = logit_scale, logit_softcap
 
     def forward(self, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                 bias: torch.Tensor | None = None) -> torch.Tensor:
         return F.fused_linear_sequence_logps(hidden, weight, labels, bias=bias, ignore_index=self.ignore_index,
                                              reduction=self.reduction, chunk_size=self.chunk_size,
-                                             memory_budget_mb=self.memory_budget_mb, backend=self.backend)
+                                             memory_budget_mb=self.memory_budget_mb, logit_scale=self.logit_scale,
+                                             logit_softcap=self.logit_softcap, backend=self.backend)
 
     def extra_repr(self) -> str:
         return f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, chunk_size={self.chunk_size}"

@@ -27,6 +27,7 @@ from typing import Callable
 import torch
 
 from .. import functional as F
+from ..lm_logits import logit_transform
 
 
 @dataclass
@@ -42,8 +43,11 @@ def _backbone_head(model):
 
 
 # model type -> (backbone returning last_hidden_state, lm_head). The one place to add a model family.
+# The logits transform of a family (Gemma-2's soft-capping, Cohere's and Granite's scales) is read by
+# mmalign.lm_logits.logit_transform and applied inside the fused op.
 MODELS: dict[str, Callable] = {name: _backbone_head for name in (
-    "llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "olmo", "olmo2",  # causal LMs
+    "llama", "mistral", "mixtral", "qwen2", "qwen3", "qwen3_moe", "gemma", "gemma2", "gemma3_text", "phi3",
+    "olmo", "olmo2", "cohere", "cohere2", "granite", "granitemoe", "granitemoeshared",           # causal LMs
     "llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "idefics3", "mllama",    # VLMs (v5 layout)
 )}
 
@@ -55,6 +59,7 @@ def patch_sequence_logps(model, *, ignore_index: int = -100) -> Callable[[], Non
         raise ValueError(f"model type {kind!r} is not in mmalign.integrations.hf.MODELS "
                          f"({sorted(MODELS)}): add how to reach its backbone and LM head there")
     backbone, head = MODELS[kind](model)
+    transform = logit_transform(model).kwargs()
     had_own = "forward" in vars(model)
     original = model.forward
 
@@ -69,7 +74,7 @@ def patch_sequence_logps(model, *, ignore_index: int = -100) -> Callable[[], Non
         kwargs.pop("logits_to_keep", None)
         hidden = backbone(*args, use_cache=False, **kwargs).last_hidden_state
         out = F.fused_linear_sequence_logps(hidden[:, :-1], head.weight, labels[:, 1:], bias=head.bias,
-                                            ignore_index=ignore_index, return_token_logps=True)
+                                            ignore_index=ignore_index, return_token_logps=True, **transform)
         count = (labels[:, 1:] != ignore_index).sum().clamp_min(1)
         return FusedLogpsOutput(log_probs=out.token_logps, logps=out.logps, loss=-out.token_logps.sum() / count)
 

@@ -7,6 +7,11 @@ hidden states' dtype; fp32 for fp16/bf16 on CPU), then the fused log-prob kernel
 Backward recomputes each chunk's logits, turns them into their gradient in place (kernel ``bwd`` in
 place), and accumulates grad_hidden, grad_weight and grad_bias: 4 matmuls of (M x V x H) per step
 instead of 3, memory O(chunk x V) instead of O(B x T x V).
+
+Model families whose forward transforms the head's output (Gemma-2's final logit soft-capping, Cohere's
+logit scale, Granite's logit divisor: mmalign/lm_logits.py) pass ``scale`` and ``softcap``: the logits are
+z = softcap * tanh(scale * (hidden @ weight.T + bias) / softcap), applied to each chunk in place, and the
+backward multiplies the chunk's gradient by scale * (1 - tanh^2).
 """
 from __future__ import annotations
 
@@ -15,12 +20,31 @@ import torch
 from .sequence_logps import BACKWARD, FORWARD, acc_dtype, token_logps_reference
 
 
-def fused_linear_token_logps_reference(hidden, weight, labels, bias=None, ignore_index: int = -100):
-    """tok[b,t] of SPEC.md section 1 with z = hidden @ weight.T + bias; (B,T,H), (V,H), (B,T) -> (B,T)."""
+def fused_linear_token_logps_reference(hidden, weight, labels, bias=None, ignore_index: int = -100,
+                                       scale: float = 1.0, softcap: float | None = None):
+    """tok[b,t] of SPEC.md section 1 with z = hidden @ weight.T + bias (times ``scale``, then soft-capped:
+    softcap * tanh(z / softcap), when given); (B,T,H), (V,H), (B,T) -> (B,T)."""
     logits = hidden @ weight.T
     if bias is not None:
         logits = logits + bias
+    if scale != 1.0:
+        logits = logits * scale
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
     return token_logps_reference(logits, labels, ignore_index)
+
+
+def _transform_(z: torch.Tensor, scale: float, softcap: float | None, slope: bool = False) -> torch.Tensor | None:
+    """z <- softcap * tanh(scale * z / softcap) in place (each step only when set). With ``slope`` and a
+    softcap, returns 1 - tanh^2, the derivative of the cap (a new chunk-sized buffer), for the backward."""
+    if scale != 1.0:
+        z.mul_(scale)
+    if softcap is None:
+        return None
+    t = z.div_(softcap).tanh_()
+    d = t.square().neg_().add_(1) if slope else None
+    t.mul_(softcap)
+    return d
 
 
 def chunk_rows(vocab: int, dtype: torch.dtype, memory_budget_mb: float) -> int:
@@ -68,18 +92,20 @@ class FusedLinearTokenLogpsFunction(torch.autograd.Function):
     fp16/bf16 weights split into several chunks), then casts once."""
 
     @staticmethod
-    def forward(ctx, h, weight, bias, labels, ignore_index: int, backend: str, chunk: int, accumulate_fp32: bool):
+    def forward(ctx, h, weight, bias, labels, ignore_index: int, backend: str, chunk: int, accumulate_fp32: bool,
+                scale: float = 1.0, softcap: float | None = None):
         M = h.shape[0]
         tok = h.new_empty(M, dtype=acc_dtype(h.dtype))
         lse = torch.empty_like(tok)
         work, w, b = _in_work_dtype(weight, bias)
         for s in range(0, M, chunk):
             e = min(M, s + chunk)
-            z = _linear(h[s:e].to(work), w, b).unsqueeze(0)
-            t, l = FORWARD[backend](z, labels[s:e].unsqueeze(0), ignore_index)
+            z = _linear(h[s:e].to(work), w, b)
+            _transform_(z, scale, softcap)  # in the matmul's dtype, as the model's own forward does it
+            t, l = FORWARD[backend](z.unsqueeze(0), labels[s:e].unsqueeze(0), ignore_index)
             tok[s:e], lse[s:e] = t[0], l[0]
         ctx.save_for_backward(h, weight, bias, labels, lse)
-        ctx.cfg = (ignore_index, backend, chunk, accumulate_fp32)
+        ctx.cfg = (ignore_index, backend, chunk, accumulate_fp32, scale, softcap)
         return tok
 
     @staticmethod
@@ -90,7 +116,7 @@ class FusedLinearTokenLogpsFunction(torch.autograd.Function):
     @staticmethod
     def _backward(ctx, grad_tok):
         h, weight, bias, labels, lse = ctx.saved_tensors
-        ignore_index, backend, chunk, accumulate_fp32 = ctx.cfg
+        ignore_index, backend, chunk, accumulate_fp32, scale, softcap = ctx.cfg
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         M = h.shape[0]
         grad = grad_tok.to(lse.dtype).contiguous()
@@ -103,9 +129,14 @@ class FusedLinearTokenLogpsFunction(torch.autograd.Function):
         for s in range(0, M, chunk):
             e = min(M, s + chunk)
             hc = h[s:e].to(work)
-            z = _linear(hc, w, b).unsqueeze(0)
-            dz = BACKWARD[backend](grad[s:e].unsqueeze(0), z, labels[s:e].unsqueeze(0), lse[s:e].unsqueeze(0),
-                                   ignore_index, True)[0]
+            z = _linear(hc, w, b)
+            slope = _transform_(z, scale, softcap, slope=True)
+            dz = BACKWARD[backend](grad[s:e].unsqueeze(0), z.unsqueeze(0), labels[s:e].unsqueeze(0),
+                                   lse[s:e].unsqueeze(0), ignore_index, True)[0]
+            if slope is not None:
+                dz.mul_(slope)
+            if scale != 1.0:
+                dz.mul_(scale)
             if need_h:
                 if work == h.dtype:
                     torch.mm(dz, w, out=grad_h[s:e])
@@ -120,4 +151,4 @@ class FusedLinearTokenLogpsFunction(torch.autograd.Function):
                 grad_b += dz.sum(0, dtype=acc)
         grad_w = grad_w.to(weight.dtype) if grad_w is not None else None
         grad_b = grad_b.to(bias.dtype) if grad_b is not None else None
-        return grad_h, grad_w, grad_b, None, None, None, None, None
+        return grad_h, grad_w, grad_b, None, None, None, None, None, None, None

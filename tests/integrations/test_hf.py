@@ -53,6 +53,56 @@ def test_fused_log_probs_equal_eager(rng, kind):
     assert model(input_ids=ids, labels=labels, **kw).logits is not None  # the stock forward again
 
 
+VLMS = {"llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "idefics3", "mllama"}
+MOE = {"mixtral", "qwen3_moe", "granitemoe", "granitemoeshared"}  # routed experts: float32 matmuls only
+LOGIT_TRANSFORMS = {"gemma2": dict(final_logit_softcapping=0.5), "gemma3_text": dict(final_logit_softcapping=0.5),
+                    "cohere": dict(logit_scale=0.3), "cohere2": dict(logit_scale=0.3),
+                    "granite": dict(logits_scaling=4.0), "granitemoe": dict(logits_scaling=4.0),
+                    "granitemoeshared": dict(logits_scaling=4.0)}
+
+
+@pytest.mark.parametrize("kind", sorted(set(MODELS) - VLMS))
+def test_every_causal_lm_family_gives_its_own_log_probs(rng, kind):
+    """Each causal LM of the table, tiny and random: the fused log-probs equal log_softmax of the model's own
+    logits, including the families that transform them (Gemma-2/3 soft-capping, Cohere's scale, Granite's
+    divisor: set far from neutral here, so that the head's raw output would be far off)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.for_model(kind, vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                      max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                                      num_local_experts=4, num_experts=4, num_experts_per_tok=2,
+                                      moe_intermediate_size=32, **LOGIT_TRANSFORMS.get(kind, {}))
+    except ValueError:
+        pytest.skip(f"this transformers has no {kind}")
+    torch.manual_seed(0)
+    dtype = torch.float32 if kind in MOE else torch.float64
+    model = AutoModelForCausalLM.from_config(config).to(dtype).eval()
+    ids = torch.randint(3, 97, (2, 10), generator=rng)
+    labels = ids.clone()
+    labels[:, :4] = -100
+    ref = _eager(model, ids, labels)
+    undo = patch_sequence_logps(model)
+    out = model(input_ids=ids, labels=labels, fused_lm_head=True)
+    tol = dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.log_probs.double(), ref, **tol)
+    undo()
+
+
+def test_an_unknown_logit_transform_is_refused():
+    """A family outside mmalign.lm_logits.TRANSFORMS whose config announces a transform of its logits."""
+    from mmalign.lm_logits import logit_transform
+
+    tok = synthetic.word_tokenizer()
+    model = _llama(tok)
+    model.config.final_logit_softcapping = 30.0
+    with pytest.raises(ValueError, match="model type 'llama': its config sets final_logit_softcapping=30.0"):
+        patch_sequence_logps(model)
+    model.config.final_logit_softcapping, model.config.logits_scaling = None, 1.0  # neutral values pass
+    assert logit_transform(model).kwargs() == dict(logit_scale=1.0, logit_softcap=None)
+
+
 def test_generation_is_unchanged_and_errors():
     tok = synthetic.word_tokenizer()
     model = _llama(tok).eval()

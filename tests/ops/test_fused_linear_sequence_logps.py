@@ -58,6 +58,46 @@ def test_gradcheck(rng, device, backend, dtype):
             tuple(t.requires_grad_() for t in (hidden, weight, b)))
 
 
+TRANSFORMS = [dict(logit_softcap=0.7), dict(logit_scale=0.25), dict(logit_scale=3.0, logit_softcap=2.0)]
+
+
+@pytest.mark.parametrize("device,backend,dtype", cases(OP) + [pytest.param("cpu", "reference", torch.float64,
+                                                                           id="cpu-reference-float64")])
+@pytest.mark.parametrize("transform", TRANSFORMS, ids=lambda t: "-".join(f"{k}={v}" for k, v in t.items()))
+def test_logit_transform_matches_the_transformed_logits(rng, device, backend, dtype, transform):
+    """Soft-capped and scaled logits (Gemma-2, Cohere, Granite) equal sequence_logps of the transformed full
+    logits, values and gradients, over several chunks; gradcheck in float64."""
+    hidden, weight, b, labels = _inputs(rng, 2, 6, 16, 33, device)
+    hidden = 4 * hidden  # logits of several units: the cap bends them (a softcap of 0.7 caps |z| < 0.7)
+    leaves = [t.requires_grad_() for t in (hidden, weight, b)]
+    out = F.fused_linear_sequence_logps(hidden, weight, labels, bias=b, chunk_size=5, backend=backend, **transform)
+    z = (hidden @ weight.T + b) * transform.get("logit_scale", 1.0)
+    cap = transform.get("logit_softcap")
+    z = cap * torch.tanh(z / cap) if cap else z
+    want = torch.log_softmax(z, -1).gather(-1, labels.clamp_min(0)[..., None])[..., 0].masked_fill(labels < 0, 0).sum(1)
+    assert (out - F.fused_linear_sequence_logps(hidden, weight, labels, bias=b, backend=backend)).abs().max() > 0.1
+    torch.testing.assert_close(out, want)
+    g = torch.randn(2, generator=rng, dtype=dtype).to(device)
+    for got, ref in zip(torch.autograd.grad((out * g).sum(), leaves), torch.autograd.grad((want * g).sum(), leaves)):
+        torch.testing.assert_close(got, ref)
+    small = [t.detach()[..., :4].clone().requires_grad_() if i == 0 else t for i, t in enumerate(_inputs(rng, 2, 3, 4, 9, device))]
+    assert torch.autograd.gradcheck(
+        lambda h, w, bb: F.fused_linear_sequence_logps(h, w, small[3], bias=bb, chunk_size=2, backend=backend,
+                                                       **transform),
+        (small[0], small[1].requires_grad_(), small[2].requires_grad_()))
+
+
+@pytest.mark.parametrize("kw,match", [(dict(logit_scale=0.0), "logit_scale: expected a finite non-zero"),
+                                      (dict(logit_scale=float("nan")), "logit_scale"),
+                                      (dict(logit_softcap=0.0), "logit_softcap: expected a finite float > 0"),
+                                      (dict(logit_softcap=-1.0), "logit_softcap"),
+                                      (dict(logit_softcap=True), "logit_softcap")])
+def test_bad_logit_transform(rng, kw, match):
+    hidden, weight, b, labels = _inputs(rng, 1, 2, 4, 5, "cpu")
+    with pytest.raises(ValueError, match=match):
+        F.fused_linear_sequence_logps(hidden, weight, labels, **kw)
+
+
 @pytest.mark.parametrize("device,backend,dtype", cases(OP))
 def test_all_ignored_and_single_token(rng, device, backend, dtype):
     hidden, weight, b, labels = _inputs(rng, 2, 3, 8, 11, device, ignore_frac=1.0)
