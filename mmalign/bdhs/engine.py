@@ -30,6 +30,7 @@ import torch
 from ..attention import compact_image_tokens, hf, sample_image_keep
 from . import text as T
 from .noise import add_noise
+from ..lm_logits import logit_transform
 from .vlm import decoder_and_head, image_token_id, merged_embeddings
 
 MODES = ("attn", "noise", "both", "none", "povid")
@@ -151,6 +152,7 @@ class BDHSEngine:
         self.model, self.tokenizer, self.similarity = model.eval(), tokenizer, similarity
         self.config = config or BDHSConfig()
         self.decoder, self.head = decoder_and_head(model)
+        self.logit_transform = logit_transform(model)
         self.image_token = image_token_id(model)
         self.device = next(model.parameters()).device
         self.eos = set(_as_list(getattr(model.generation_config, "eos_token_id", None) or tokenizer.eos_token_id))
@@ -274,7 +276,7 @@ class BDHSEngine:
             if cfg.scope == "text":
                 r.keep = keep[0, :prefix]
             if not forced:
-                r.first_logits = self.head(hidden[n - 1]).float()
+                r.first_logits = self._logits(hidden[n - 1])
             rows.append(r)
 
         if plan is None:
@@ -289,6 +291,10 @@ class BDHSEngine:
         return rows, cache
 
     # ------------------------------------------------------------------------------------- decode
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The model's next-token logits (float32): its LM head, then its family's transform (mmalign.lm_logits)."""
+        return self.logit_transform(self.head(hidden)).float()
+
     def _choose(self, logits: torch.Tensor, generator: torch.Generator | None) -> int:
         cfg = self.config
         if not cfg.do_sample:
@@ -369,7 +375,7 @@ class BDHSEngine:
                 out = self.decoder(input_ids=ids, past_key_values=cache, attention_mask=mask, position_ids=pos,
                                    use_cache=True)
             cache = out.past_key_values
-            logits = self.head(out.last_hidden_state[:, -1]).float()
+            logits = self._logits(out.last_hidden_state[:, -1])
             keep_rows, nxt = [], []
             for a, i in enumerate(active):
                 r = rows[i]
@@ -409,7 +415,7 @@ class BDHSEngine:
             return ""
         ids = torch.tensor(prompt + response, dtype=torch.long, device=self.device)[None]
         hidden = self.decoder(inputs_embeds=merged_embeddings(self.model, ids, image_inputs)).last_hidden_state[0]
-        logits = self.head(hidden[len(prompt) - 1:len(prompt) + len(response) - 1]).float()
+        logits = self._logits(hidden[len(prompt) - 1:len(prompt) + len(response) - 1])
         generator = torch.Generator().manual_seed(rng.getrandbits(63)) if self.config.do_sample else None
         tokens = [self._choose(logits[t], generator) for t in range(len(response))]
         return self.tokenizer.decode(tokens, skip_special_tokens=True)

@@ -17,6 +17,7 @@ import torch
 from .. import data
 from .. import functional as F
 from ..bdhs.vlm import decoder_and_head, image_token_id, merged_embeddings
+from ..lm_logits import logit_transform
 from ..prompts import PromptEncoder
 
 IGNORE = -100
@@ -205,6 +206,7 @@ def pair_logps(model, examples: list[PairExample], *, zero3: bool = False, share
     positions, so the prompt (the image tokens: most of a VLM's sequence) is computed once per pair, not
     twice; the same log-probs as two sequences. Else the 2N sequences [prompt | chosen], [prompt | rejected]."""
     decoder, head = decoder_and_head(model)
+    transform = logit_transform(model)  # Gemma-2's soft-capping and the like (mmalign.lm_logits)
     if share_prompt if share_prompt is not None else shares_prompt(model):
         hidden, labels = _shared_hidden(model, examples)
     else:
@@ -212,10 +214,10 @@ def pair_logps(model, examples: list[PairExample], *, zero3: bool = False, share
         hidden = decoder(inputs_embeds=embeds, attention_mask=mask).last_hidden_state[:, :-1]
         labels = labels[:, 1:]
     if not zero3:
-        logps = F.fused_linear_sequence_logps(hidden, head.weight, labels, bias=head.bias)
+        logps = F.fused_linear_sequence_logps(hidden, head.weight, labels, bias=head.bias, **transform.kwargs())
     else:
         rows = (labels != IGNORE).reshape(-1).nonzero().squeeze(1)
-        logits = head(hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows))
+        logits = transform(head(hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows)))
         tok = F.token_logps(logits[None], labels.reshape(-1).index_select(0, rows)[None])[0]
         logps = torch.zeros(labels.shape[0], dtype=tok.dtype, device=tok.device).index_add(
             0, rows // labels.shape[1], tok)

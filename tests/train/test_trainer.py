@@ -92,6 +92,37 @@ def test_pair_logps_equal_eager_and_encode_each_image_once(setup, zero3, share_p
         torch.testing.assert_close(g, p.grad, rtol=rtol, atol=atol)
 
 
+@pytest.mark.parametrize("kind,transform", [("gemma2", dict(final_logit_softcapping=0.5)),
+                                            ("cohere", dict(logit_scale=0.3)), ("granite", dict(logits_scaling=4.0))])
+@pytest.mark.parametrize("zero3", [False, True])
+def test_pair_logps_apply_the_familys_logit_transform(rng, kind, transform, zero3):
+    """Families whose forward transforms the LM head's output (Gemma-2 soft-caps it, Cohere and Granite scale
+    it; set far from neutral): the log-probs and gradients are those of the model's own logits (float64)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from mmalign.train.batches import PairExample
+
+    config = AutoConfig.for_model(kind, vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, head_dim=8, pad_token_id=0,
+                                  bos_token_id=1, eos_token_id=2, **transform)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).double()
+    ids = lambda n: torch.randint(3, 50, (n,), generator=rng).tolist()  # noqa: E731
+    examples = [PairExample(i, str(i), torch.tensor(ids(4 + i)), {}, ids(3 + i), ids(5 - i)) for i in range(3)]
+    pc, pr = pair_logps(model, examples, zero3=zero3)
+    (pc.sum() + 2 * pr.sum()).backward()
+    ours = model.lm_head.weight.grad.clone()
+    model.zero_grad()
+    ec, er = _eager_logps(model, examples)
+    (ec.sum() + 2 * er.sum()).backward()
+    # Gemma's RMSNorm computes in float32 even in a float64 model: batched (padded) and one-by-one sequences
+    # then agree to float32 rounding only
+    tol = dict(rtol=1e-6, atol=1e-6) if kind == "gemma2" else dict(rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(pc, ec, **tol)
+    torch.testing.assert_close(pr, er, **tol)
+    torch.testing.assert_close(ours, model.lm_head.weight.grad, **tol)
+
+
 @pytest.mark.parametrize("share_prompt", [False, True], ids=["2N-sequences", "shared-prompt"])
 def test_pair_logps_under_gradient_checkpointing(setup, share_prompt):
     """Gradient checkpointing reruns each decoder layer in the backward, with the shared prompt's 4D mask and
