@@ -17,7 +17,9 @@ implementation) ignores the mask. With no mask the result equals ``"sdpa"``.
 
 Works with ``LlamaForCausalLM``, ``LlavaForConditionalGeneration``, ``LlavaNextForConditionalGeneration``
 and any model that calls ``ALL_ATTENTION_FUNCTIONS`` (transformers >= 4.53, which has the mask interface),
-with a ``DynamicCache``.
+with a ``DynamicCache``. Attention features the kernel lacks raise ValueError when a model asks for them:
+score soft-capping (Gemma-2), a sliding window shorter than the keys (Mistral, Gemma-2/3 local layers),
+attention sinks (gpt-oss).
 """
 from __future__ import annotations
 
@@ -77,6 +79,22 @@ def _build_masks(keep, scope, attention_mask, Tk: int, Tq: int, device):
     return key_keep, query_scope
 
 
+def _refuse_unsupported(module, Tk: int, kwargs) -> None:
+    """Attention features some families ask for through the interface's keyword arguments, which this kernel
+    does not implement: an error naming them, never attention computed without them."""
+    family = type(module).__name__
+    if kwargs.get("softcap") is not None:
+        raise ValueError(f"mmalign_masked: {family} soft-caps its attention scores (softcap={kwargs['softcap']}), "
+                         "which this kernel does not do; use another attn_implementation for this model")
+    window = kwargs.get("sliding_window")
+    if window is not None and Tk > window:
+        raise ValueError(f"mmalign_masked: {family} attends within a sliding window of {window} keys and this call "
+                         f"has {Tk}, which this kernel does not do; keep sequences within the window or use "
+                         "another attn_implementation")
+    if kwargs.get("s_aux") is not None:
+        raise ValueError(f"mmalign_masked: {family} has attention sinks (s_aux), which this kernel does not do")
+
+
 def attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
     """The function registered under ``"mmalign_masked"`` (transformers' attention-interface signature):
     query (B, Hq, Tq, D), key/value (B, Hkv, Tk, D), attention_mask None or (B, Tk) bool padding."""
@@ -93,6 +111,7 @@ def attention_forward(module, query, key, value, attention_mask, dropout: float 
     if keep is not None and keep.shape[0] != B:
         raise ValueError(f"mmalign_key_keep / hidden_keys: expected a mask for a batch of {B}, got {tuple(keep.shape)}")
     Tk = key.shape[2]
+    _refuse_unsupported(module, Tk, kwargs)
     if attention_mask is not None and attention_mask.dim() != 2:
         raise ValueError(f"mmalign_masked expects a 2-D padding mask from its mask function, got shape "
                          f"{tuple(attention_mask.shape)} (is mmalign.attention.hf.register() called?)")

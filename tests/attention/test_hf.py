@@ -79,6 +79,22 @@ def test_no_mask_equals_sdpa(rng):
                                    ref(ids, attention_mask=mask).logits[mask.bool()], rtol=1e-4, atol=1e-4)
 
 
+def test_attention_features_it_lacks_are_refused(rng):
+    """Attention soft-capping (Gemma-2) and a sliding window shorter than the keys (Mistral) raise, naming the
+    feature, instead of attending without them; a window longer than the keys changes nothing and runs."""
+    gemma = transformers.Gemma2ForCausalLM._from_config(transformers.Gemma2Config(**TEXT, head_dim=8),
+                                                         attn_implementation="mmalign_masked").eval()
+    ids = torch.randint(2, 60, (1, 12), generator=rng)
+    with pytest.raises(ValueError, match=r"Gemma2Attention soft-caps its attention scores \(softcap=50.0\)"):
+        gemma(ids)
+    ref, masked = _pair(transformers.MistralForCausalLM, transformers.MistralConfig(**TEXT, sliding_window=8),
+                        torch.float64)
+    with pytest.raises(ValueError, match="sliding window of 8 keys and this call has 12"):
+        masked(ids)
+    with torch.no_grad():
+        torch.testing.assert_close(masked(ids[:, :8]).logits, ref(ids[:, :8]).logits)
+
+
 @pytest.mark.parametrize("build", [_llama, _llava, _llava_next], ids=["llama", "llava", "llava-next"])
 def test_masked_full_sequence_equals_compacted_sequence(rng, build):
     ref, masked = build(torch.float64)
