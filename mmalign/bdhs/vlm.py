@@ -1,7 +1,8 @@
 """What the BDHS engine needs from a Hugging Face model, for causal LMs and ``*ForConditionalGeneration``
 VLMs alike: the decoder stack, the LM head, the image-token id, and the input embeddings with the
 image features already merged in (taken from the model's own forward, so any VLM whose decoder is a
-submodule receiving ``inputs_embeds`` works: LLaVA-1.5, LLaVA-1.6 AnyRes, ...)."""
+submodule receiving ``inputs_embeds`` works: LLaVA-1.5, LLaVA-1.6 AnyRes, ...). A VLM whose forward passes
+its decoder more than that (positions, masks, cross-attention states) is refused, naming the input."""
 from __future__ import annotations
 
 import torch
@@ -39,7 +40,7 @@ def merged_embeddings(model, input_ids: torch.Tensor, image_inputs: dict | None 
     seen = {}
 
     def grab(module, args, kwargs):
-        seen["embeds"] = kwargs.get("inputs_embeds")
+        seen["embeds"], seen["kwargs"] = kwargs.get("inputs_embeds"), kwargs
         raise _Captured
 
     # prepend: ahead of DeepSpeed ZeRO-3's own pre-forward hook, which would otherwise fetch the decoder for a
@@ -53,4 +54,26 @@ def merged_embeddings(model, input_ids: torch.Tensor, image_inputs: dict | None 
         hook.remove()
     if seen.get("embeds") is None:
         raise ValueError(f"{type(model).__name__}: its decoder was not called with inputs_embeds")
+    _check_nothing_else(model, seen["kwargs"], seen["embeds"].shape[1])
     return seen["embeds"]
+
+
+def _check_nothing_else(model, kwargs: dict, T: int) -> None:
+    """mmalign runs the decoder on these embeddings itself, with its own positions and masks (the trainer's
+    batched sequences, the BDHS engine's decoding). A VLM whose forward hands its decoder more than the
+    embeddings and a padding mask (Qwen2-VL's multimodal RoPE positions, Gemma-3's bidirectional image mask,
+    Mllama's cross-attention states) would be run without them: refused, naming the input."""
+    arange = torch.arange(T)
+    for name, value in kwargs.items():
+        if name == "inputs_embeds" or value is None or isinstance(value, bool):
+            continue
+        if name == "attention_mask" and torch.is_tensor(value) and value.dim() == 2:
+            continue  # padding, which mmalign builds itself
+        if (name in ("position_ids", "cache_position") and torch.is_tensor(value) and value.shape[-1] == T
+                and value.dim() <= 2 and bool((value.cpu() == arange).all())):
+            continue  # the default positions
+        what = f"shape {tuple(value.shape)}" if torch.is_tensor(value) else type(value).__name__
+        raise ValueError(f"{type(model).__name__}: its forward passes {name} ({what}) to its decoder besides the "
+                         "merged embeddings; mmalign runs the decoder with its own positions and masks and would "
+                         "leave it out. Supported: VLMs whose decoder takes the merged embeddings alone (LLaVA-1.5, "
+                         "LLaVA-NeXT, ...)")
