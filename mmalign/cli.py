@@ -188,8 +188,12 @@ def _train(args) -> int:
         cfg = TrainConfig.from_file(args.config, **flags) if args.config else \
             TrainConfig(**{k: v for k, v in flags.items() if v is not None})
         if args.precompute_reference:
-            n = precompute_reference(cfg, args.precompute_reference)
-            return f"reference log-probs of {n} pairs written to {args.precompute_reference}"
+            n = precompute_reference(cfg, args.precompute_reference, batch_size=args.batch_size or 8,
+                                     shard=args.shard, overwrite=args.overwrite)
+            return None if n is None else f"reference log-probs of {n} pairs written to {args.precompute_reference}"
+        for flag in ("shard", "overwrite", "batch_size"):
+            if getattr(args, flag):
+                raise ValueError(f"--{flag.replace('_', '-')}: only with --precompute-reference")
         rows = Trainer(cfg).train()
         return json.dumps(rows[-1]) if rows else None
 
@@ -241,7 +245,13 @@ def _add_train(sub) -> None:
                    help="encode each micro-batch when it is due (default on a GPU: the next one in a background "
                         "thread while the current one trains)")
     t.add_argument("--precompute-reference", metavar="OUT",
-                   help="instead of training: write the data with reference log-probs to OUT (.jsonl)")
+                   help="instead of training: write the data with reference log-probs to OUT (.jsonl or .parquet), "
+                        "as a resumable job (rerun the same command after a kill; under torchrun the ranks share "
+                        "the pairs)")
+    t.add_argument("--batch-size", type=int, help="with --precompute-reference: pairs per forward (default 8)")
+    t.add_argument("--shard", metavar="I/N", help="with --precompute-reference: this process's share of the pairs "
+                                                  "(default: torchrun's RANK/WORLD_SIZE)")
+    t.add_argument("--overwrite", action="store_true", help="with --precompute-reference: redo a finished OUT")
     t.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # the deepspeed launcher's
     t.set_defaults(fn=_train)
 

@@ -2,5 +2,5 @@
 :func:`precompute_reference`, and the batch pieces in :mod:`.batches` (vision once per pair, fused
 log-probs on the final hidden states)."""
 from .batches import PairExample, encode_pair, pair_logps  # noqa: F401
-from .trainer import (LOSSES, Trainer, TrainConfig, deepspeed_config, enable_checkpointing, loss_module,  # noqa: F401
-                      precompute_reference)
+from .trainer import LOSSES, Trainer, TrainConfig, deepspeed_config, enable_checkpointing, loss_module  # noqa: F401
+from .reference import precompute_reference  # noqa: F401

@@ -582,31 +582,3 @@ class SimilarityRanker:
     def __call__(self, example: PairExample, texts: list[str]) -> int:
         sims = self.similarity(texts, [example.chosen] * len(texts))
         return int(torch.argmax(sims))
-
-
-def precompute_reference(cfg: TrainConfig, out: str, *, model=None, processor=None, batch_size: int = 8) -> int:
-    """Write ``out`` (.jsonl): the data with ``ref_chosen_logp``/``ref_rejected_logp`` from the model as
-    it is now (the DAMO and RLAIF-V recipe: the reference pass runs once). Returns the pair count."""
-    device = str(train_device(cfg))
-    ds = deepspeed_config(cfg)
-    dtype, autocast = training_dtype(ds), autocast_dtype(ds)
-    if model is None:
-        # the precision training will give the policy (also a DeepSpeed JSON's), so log-ratios start at 0
-        model, processor = load_model(cfg.model, device, dtype)
-        cast_like_training(model, dtype, autocast)
-    model.eval()
-    encoder = PromptEncoder(processor, template=cfg.prompt_template, images=cfg.images, device=model.device,
-                            dtype=next(model.parameters()).dtype)
-    rows = []
-    records = [r for r in data.iter_records(cfg.data, layout=cfg.layout, columns=cfg.columns)
-               if isinstance(r, data.PairRecord)]
-    for batch in jobs.batched(records, batch_size):
-        with torch.no_grad(), forward_precision(model.device, autocast):
-            rc, rr = pair_logps(model, [encode_pair(r, encoder, cfg.max_length) for r in batch])
-        for rec, c, r in zip(batch, rc.tolist(), rr.tolist()):
-            row = rec.canonical()
-            row.update(ref_chosen_logp=c, ref_rejected_logp=r)
-            rows.append(row)
-    jobs.write_rows(Path(out), rows)
-    return len(rows)
-

@@ -305,6 +305,52 @@ def test_precomputed_reference_and_cli(setup, tmp_path, capsys):
     config.write_text(json.dumps({"los": "dpo"}))
     assert main(["train", "--config", str(config)] + common) == 2
     assert "unknown keys ['los']" in capsys.readouterr().err
+    assert main(["train", "--data", str(ref), "--shard", "0/2", "--output-dir", str(tmp_path / "y")] + common) == 2
+    assert "--shard: only with --precompute-reference" in capsys.readouterr().err
+
+
+class _Killed(Exception):
+    pass
+
+
+def test_reference_pass_resumes_after_a_kill_shards_and_reports_bad_records(setup, tmp_path, monkeypatch):
+    """The reference pass is a resumable job: killed after its first batch, the rerun computes only the rest and
+    writes what an uninterrupted run writes; two shards give the same file; a record whose image is missing is
+    skipped into OUT.failed.jsonl with the reason, not the end of the job."""
+    from mmalign.train import reference
+
+    root, model_dir = setup
+    rows = fx.pairs(7) + [{**fx.pairs(1)[0], "id": "no-image", "image": "missing.png"}]
+    fx.write_jsonl(tmp_path / "in.jsonl", rows)
+    model, processor = load_model(model_dir, "cpu", torch.float32)
+    cfg = _cfg(root, model_dir, tmp_path, data=str(tmp_path / "in.jsonl"))
+    kw = dict(model=model, processor=processor, batch_size=3)
+    assert reference.precompute_reference(cfg, str(tmp_path / "whole.jsonl"), **kw) == 7
+    whole = [json.loads(x) for x in open(tmp_path / "whole.jsonl")]
+    failed = [json.loads(x) for x in open(tmp_path / "whole.failed.jsonl")]
+    assert [f["id"] for f in failed] == ["no-image"] and "missing.png" in failed[0]["error"]
+
+    real, batches = reference._process, []
+
+    def dies(batch, *a):
+        if len(batches) == 1:
+            raise _Killed
+        batches.append([r.index for r in batch])
+        return real(batch, *a)
+
+    monkeypatch.setattr(reference, "_process", dies)
+    with pytest.raises(_Killed):
+        reference.precompute_reference(cfg, str(tmp_path / "out.jsonl"), **kw)
+    assert not (tmp_path / "out.jsonl").exists()
+    monkeypatch.setattr(reference, "_process", lambda batch, *a: batches.append([r.index for r in batch]) or real(batch, *a))
+    assert reference.precompute_reference(cfg, str(tmp_path / "out.jsonl"), **kw) == 7
+    assert batches == [[0, 1, 2], [3, 4, 5], [6, 7]]  # the first batch is not computed again
+    assert [json.loads(x) for x in open(tmp_path / "out.jsonl")] == whole
+    assert reference.precompute_reference(cfg, str(tmp_path / "sh.jsonl"), shard="0/2", **kw) is None
+    assert reference.precompute_reference(cfg, str(tmp_path / "sh.jsonl"), shard="1/2", **kw) == 7
+    assert [json.loads(x) for x in open(tmp_path / "sh.jsonl")] == whole
+    with pytest.raises(jobs.JobError, match="exists"):
+        reference.precompute_reference(cfg, str(tmp_path / "sh.jsonl"), **kw)
 
 
 @pytest.mark.parametrize("bf16", [dict(bf16=True), dict(deepspeed={"bf16": {"enabled": True}}),
