@@ -346,6 +346,24 @@ def failure(index: int, line: int | None, rid, message: str) -> dict:
     return {"index": index, "status": "failed", "id": rid, "line": line, "error": message}
 
 
+def prepare(batch: list, fn: Callable) -> tuple[list[dict], list, list]:
+    """(failure results, records, ``fn(record)`` of each): a batch's unreadable records (``RecordError``) and
+    those for which ``fn`` raises ValueError become failure results with the reason; the others go on."""
+    from .data import RecordError
+
+    failures, records, prepared = [], [], []
+    for rec in batch:
+        if isinstance(rec, RecordError):
+            failures.append(failure(rec.index, rec.line, rec.id, rec.message))
+            continue
+        try:
+            prepared.append(fn(rec))
+            records.append(rec)
+        except ValueError as e:
+            failures.append(failure(rec.index, rec.line, rec.id, str(e)))
+    return failures, records, prepared
+
+
 def join_results(records: Iterable, results: dict[int, dict], work: WorkDir):
     """Pair every input record with its result, in input order: yields (record, result); checks that
     every record has exactly one."""

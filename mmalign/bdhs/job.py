@@ -89,19 +89,12 @@ def _device_dtype(cfg: BDHSJobConfig):
 
 
 def _process(batch, engine: BDHSEngine, encode: PromptEncoder, cfg: BDHSJobConfig) -> list[dict]:
-    results, pairs, recs = [], [], []
-    for rec in batch:
-        if isinstance(rec, data.RecordError):
-            results.append(jobs.failure(rec.index, rec.line, rec.id, rec.message))
-            continue
+    def pair_input(rec):
         if not rec.chosen.strip():
-            results.append(jobs.failure(rec.index, rec.line, rec.id, "chosen is empty: nothing to guide BDHS"))
-            continue
-        try:
-            pairs.append(encode(rec))
-            recs.append(rec)
-        except ValueError as e:
-            results.append(jobs.failure(rec.index, rec.line, rec.id, str(e)))
+            raise ValueError("chosen is empty: nothing to guide BDHS")
+        return encode(rec)
+
+    results, recs, pairs = jobs.prepare(batch, pair_input)
     jobs.stop_if_strict(results, cfg.strict)
     for rec, res in zip(recs, engine.generate(pairs) if pairs else []):
         results.append({"index": rec.index, "status": "ok", "id": rec.id, "rejected": res.rejected,

@@ -100,16 +100,7 @@ class Summary:
 
 def _process(batch, scorer: ClipScorer, splitter, cfg: HardnessConfig) -> list[dict]:
     """Score one batch of records; bad records become failure results (or stop the job when strict)."""
-    results, good, images = [], [], []
-    for rec in batch:
-        if isinstance(rec, data.RecordError):
-            results.append(jobs.failure(rec.index, rec.line, rec.id, rec.message))
-            continue
-        try:
-            images.append(data.open_image(rec.image, cfg.images))
-            good.append(rec)
-        except ValueError as e:
-            results.append(jobs.failure(rec.index, rec.line, rec.id, str(e)))
+    results, good, images = jobs.prepare(batch, lambda rec: data.open_image(rec.image, cfg.images))
     splits = splitter.split_many([r.chosen for r in good] + [r.rejected for r in good])
     pairs = []
     for i, rec in enumerate(good):

@@ -56,16 +56,7 @@ def precompute_reference(cfg: TrainConfig, out: str, *, model=None, processor=No
 
 
 def _process(batch, model, encoder: PromptEncoder, cfg: TrainConfig, autocast) -> list[dict]:
-    results, examples, recs = [], [], []
-    for rec in batch:
-        if isinstance(rec, data.RecordError):
-            results.append(jobs.failure(rec.index, rec.line, rec.id, rec.message))
-            continue
-        try:
-            examples.append(encode_pair(rec, encoder, cfg.max_length))
-            recs.append(rec)
-        except ValueError as e:
-            results.append(jobs.failure(rec.index, rec.line, rec.id, str(e)))
+    results, recs, examples = jobs.prepare(batch, lambda rec: encode_pair(rec, encoder, cfg.max_length))
     if examples:
         with torch.no_grad(), forward_precision(model.device, autocast):
             rc, rr = pair_logps(model, examples)
