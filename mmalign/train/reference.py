@@ -6,7 +6,9 @@ writes OUT).
 
 The model runs in the precision training will give the policy (a DeepSpeed JSON's or the flags'), so that
 the first step's log-ratios are exactly 0. OUT is the canonical dataset with ``ref_chosen_logp`` and
-``ref_rejected_logp``; records that cannot be read or encoded go to ``OUT.failed.jsonl`` with the reason.
+``ref_rejected_logp``, and ``ref_config``: what else those numbers depend on (model, prompt template,
+max_length, precision), which the trainer compares with its own settings (:func:`check_reference_config`).
+Records that cannot be read or encoded go to ``OUT.failed.jsonl`` with the reason.
 """
 from __future__ import annotations
 
@@ -41,10 +43,9 @@ def precompute_reference(cfg: TrainConfig, out: str, *, model=None, processor=No
     model.eval()
     encoder = PromptEncoder(processor, template=cfg.prompt_template, images=cfg.images, device=model.device,
                             dtype=next(model.parameters()).dtype)
+    stamp = reference_config(cfg, dtype, autocast)
     params = {**jobs.input_params(cfg.data, layout=cfg.layout, columns=cfg.columns, split=None, images=cfg.images),
-              "model": cfg.model or type(model).__name__, "template": cfg.prompt_template,
-              "max_length": cfg.max_length, "dtype": str(next(model.parameters()).dtype),
-              "autocast": None if autocast is None else str(autocast)}
+              **stamp, "model": cfg.model or type(model).__name__}
     read = lambda: data.iter_records(cfg.data, layout=cfg.layout, columns=cfg.columns)  # noqa: E731
     work = jobs.run_records(jobs.JobSpec(
         name="reference", input=str(cfg.data), out=out, shard=jobs.Shard.parse(shard), params=params, read=read,
@@ -52,7 +53,38 @@ def precompute_reference(cfg: TrainConfig, out: str, *, model=None, processor=No
         progress=cfg.progress))
     if work is None:
         return None
-    return _merge(read(), out, work, keep_work)
+    return _merge(read(), out, work, keep_work, stamp)
+
+
+def reference_config(cfg: TrainConfig, dtype: torch.dtype, autocast: torch.dtype | None) -> dict:
+    """What a sequence's reference log-prob depends on besides the pair itself."""
+    return {"model": str(Path(cfg.model).resolve()) if cfg.model else None, "prompt_template": cfg.prompt_template,
+            "max_length": cfg.max_length, "dtype": str(dtype).replace("torch.", ""),
+            "autocast": None if autocast is None else str(autocast).replace("torch.", "")}
+
+
+def check_reference_config(records, cfg: TrainConfig, dtype: torch.dtype, autocast: torch.dtype | None) -> None:
+    """Precomputed reference log-probs (records with ``ref_config``) made with another prompt template or
+    max_length are those of other sequences: ValueError naming the record. Another model path or precision:
+    a warning (the same weights may live elsewhere; the log-ratios then start near 0, not at 0)."""
+    want, differ = reference_config(cfg, dtype, autocast), {}
+    for rec in records:
+        got = rec.extra.get("ref_config")
+        if not isinstance(got, dict):
+            continue  # reference log-probs from elsewhere: nothing to compare
+        for key in ("prompt_template", "max_length"):
+            if got.get(key) != want[key]:
+                raise ValueError(f"reference='precomputed': {rec.where()} has reference log-probs computed with "
+                                 f"{key}={got.get(key)!r} and this run has {key}={want[key]!r}: they are the "
+                                 "log-probs of other sequences; rerun `mmalign train --precompute-reference` with "
+                                 "this run's settings")
+        differ.update({k: got.get(k) for k in ("model", "dtype", "autocast") if got.get(k) != want[k]})
+    if differ:
+        import warnings
+
+        warnings.warn(f"reference='precomputed': the reference log-probs were computed with "
+                      f"{', '.join(f'{k}={v!r}' for k, v in differ.items())}; this run has "
+                      f"{', '.join(f'{k}={want[k]!r}' for k in differ)}", stacklevel=2)
 
 
 def _process(batch, model, encoder: PromptEncoder, cfg: TrainConfig, autocast) -> list[dict]:
@@ -66,14 +98,14 @@ def _process(batch, model, encoder: PromptEncoder, cfg: TrainConfig, autocast) -
     return sorted(results, key=lambda r: r["index"])
 
 
-def _merge(records, out: Path, work: jobs.WorkDir, keep_work: bool) -> int:
+def _merge(records, out: Path, work: jobs.WorkDir, keep_work: bool, stamp: dict) -> int:
     rows, failures = [], []
     for rec, res in jobs.join_results(records, work.all_results(), work):
         if res["status"] != "ok":
             failures.append(res)
             continue
         row = rec.canonical()
-        row.update(ref_chosen_logp=res["ref_chosen_logp"], ref_rejected_logp=res["ref_rejected_logp"])
+        row.update(ref_chosen_logp=res["ref_chosen_logp"], ref_rejected_logp=res["ref_rejected_logp"], ref_config=stamp)
         rows.append(row)
     jobs.write_rows(out, rows)
     failed = jobs.write_failed(out, failures)

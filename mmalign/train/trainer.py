@@ -327,6 +327,9 @@ class Trainer:
                 raise ValueError(f"reference='precomputed' but {lacking.where()} has no ref_chosen_logp/"
                                  "ref_rejected_logp: run `mmalign train --precompute-reference` first, or use "
                                  "reference='model'")
+            from .reference import check_reference_config
+
+            check_reference_config(records, self.cfg, training_dtype(self.ds_config), self.autocast)
         if len(records) < self.cfg.micro_batch_size * self.world:
             raise ValueError(f"data: {len(records)} usable pairs, fewer than one global micro-batch "
                              f"({self.cfg.micro_batch_size} x {self.world} ranks)")

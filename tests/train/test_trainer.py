@@ -353,6 +353,25 @@ def test_reference_pass_resumes_after_a_kill_shards_and_reports_bad_records(setu
         reference.precompute_reference(cfg, str(tmp_path / "sh.jsonl"), **kw)
 
 
+def test_precomputed_reference_of_other_settings_is_refused(setup, tmp_path):
+    """Reference log-probs carry what they were computed with (ref_config): another max_length or prompt template
+    means other sequences (an error naming the record), another precision a warning."""
+    from mmalign.train import precompute_reference
+
+    root, model_dir = setup
+    ref = tmp_path / "ref.jsonl"
+    precompute_reference(_cfg(root, model_dir, tmp_path / "p", max_length=64), str(ref))
+    row = json.loads(open(ref).readline())
+    assert row["ref_config"]["max_length"] == 64 and row["ref_config"]["dtype"] == "float32"
+    with pytest.raises(ValueError, match=r"record 0 .*computed with max_length=64 and this run has max_length=2048"):
+        Trainer(_cfg(root, model_dir, tmp_path / "t", data=str(ref), reference="precomputed"))
+    with pytest.raises(ValueError, match="computed with prompt_template=None"):
+        Trainer(_cfg(root, model_dir, tmp_path / "t", data=str(ref), reference="precomputed", max_length=64,
+                     prompt_template="Q: <image>\n{prompt} A:"))
+    with pytest.warns(UserWarning, match="dtype='float32'.*this run has dtype='bfloat16'"):
+        Trainer(_cfg(root, model_dir, tmp_path / "t", data=str(ref), reference="precomputed", max_length=64, bf16=True))
+
+
 @pytest.mark.parametrize("bf16", [dict(bf16=True), dict(deepspeed={"bf16": {"enabled": True}}),
                                   dict(bf16=True, autocast=True),
                                   dict(deepspeed={"torch_autocast": {"enabled": True, "dtype": "bfloat16"}})],
