@@ -48,7 +48,7 @@ def _backbone_head(model):
 MODELS: dict[str, Callable] = {name: _backbone_head for name in (
     "llama", "mistral", "mixtral", "qwen2", "qwen3", "qwen3_moe", "gemma", "gemma2", "gemma3_text", "phi3",
     "olmo", "olmo2", "cohere", "cohere2", "granite", "granitemoe", "granitemoeshared",           # causal LMs
-    "llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "idefics3", "mllama",    # VLMs (v5 layout)
+    "llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "gemma3", "idefics3", "mllama",  # VLMs
 )}
 
 

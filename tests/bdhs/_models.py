@@ -44,3 +44,41 @@ def save_llava(dir, tok, dtype=torch.float32) -> str:
 def save_sentence_model(dir) -> str:
     """A tiny random sentence-transformers model (BERT from config + mean pooling) saved to ``dir``."""
     return synthetic.save_tiny_sentence_model(dir, [WORDS])
+
+
+def qwen2_vl():
+    """A tiny random Qwen2-VL (multimodal RoPE), one 28-pixel image: (model, input_ids, image inputs)."""
+    import inspect
+
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    text = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=8, pad_token_id=0,
+                rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]})
+    vision = dict(depth=1, embed_dim=32, hidden_size=32, num_heads=2, patch_size=14, spatial_merge_size=2,
+                  temporal_patch_size=2, in_chans=3)
+    cfg = AutoConfig.for_model("qwen2_vl", text_config=text, vision_config=vision, image_token_id=120,
+                               video_token_id=121, vision_start_token_id=122)
+    model = AutoModelForImageTextToText.from_config(cfg).double().eval()
+    ids = torch.tensor([[5, 6, 122, 120, 7, 8, 9]])
+    inputs = dict(pixel_values=torch.randn(4, 3 * 2 * 14 * 14, dtype=torch.float64),
+                  image_grid_thw=torch.tensor([[1, 2, 2]]))
+    if "mm_token_type_ids" in inspect.signature(type(model.model).forward).parameters:
+        inputs["mm_token_type_ids"] = (ids == 120).long()
+    return model, ids, inputs
+
+
+def gemma3():
+    """A tiny random Gemma-3 VLM (bidirectional attention over the image): (model, input_ids, image inputs)."""
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    text = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=8, pad_token_id=0, sliding_window=64)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=56,
+                  patch_size=14)
+    cfg = AutoConfig.for_model("gemma3", text_config=text, vision_config=vision, image_token_id=120,
+                               mm_tokens_per_image=4, boi_token_index=121, eoi_token_index=122)
+    model = AutoModelForImageTextToText.from_config(cfg).double().eval()
+    ids = torch.tensor([[5, 121, 120, 120, 120, 120, 122, 7, 8]])
+    return model, ids, dict(pixel_values=torch.randn(1, 3, 56, 56, dtype=torch.float64),
+                            token_type_ids=(ids == 120).long())

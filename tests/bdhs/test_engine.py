@@ -235,48 +235,15 @@ def test_next_token_logits_are_the_models_own(setup, kind, transform):
     torch.testing.assert_close(ours, own)
 
 
-def _qwen2_vl():
-    import inspect
-
-    from transformers import AutoConfig, AutoModelForImageTextToText
-
-    text = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=2, head_dim=8, pad_token_id=0, rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]})
-    vision = dict(depth=1, embed_dim=32, hidden_size=32, num_heads=2, patch_size=14, spatial_merge_size=2,
-                  temporal_patch_size=2, in_chans=3)
-    cfg = AutoConfig.for_model("qwen2_vl", text_config=text, vision_config=vision, image_token_id=120,
-                               video_token_id=121, vision_start_token_id=122)
-    model = AutoModelForImageTextToText.from_config(cfg).double().eval()
-    ids = torch.tensor([[5, 6, 122, 120, 7, 8, 9]])
-    inputs = dict(pixel_values=torch.randn(4, 3 * 2 * 14 * 14, dtype=torch.float64), image_grid_thw=torch.tensor([[1, 2, 2]]))
-    if "mm_token_type_ids" in inspect.signature(type(model.model).forward).parameters:
-        inputs["mm_token_type_ids"] = (ids == 120).long()
-    return model, ids, inputs, "position_ids"
-
-
-def _gemma3():
-    from transformers import AutoConfig, AutoModelForImageTextToText
-
-    text = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=2, head_dim=8, pad_token_id=0, sliding_window=64)
-    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=56,
-                  patch_size=14)
-    cfg = AutoConfig.for_model("gemma3", text_config=text, vision_config=vision, image_token_id=120,
-                               mm_tokens_per_image=4, boi_token_index=121, eoi_token_index=122)
-    model = AutoModelForImageTextToText.from_config(cfg).double().eval()
-    ids = torch.tensor([[5, 121, 120, 120, 120, 120, 122, 7, 8]])
-    return model, ids, dict(pixel_values=torch.randn(1, 3, 56, 56, dtype=torch.float64),
-                            token_type_ids=(ids == 120).long()), "attention_mask"
-
-
-@pytest.mark.parametrize("build", [_qwen2_vl, _gemma3], ids=["qwen2_vl", "gemma3"])
-def test_vlms_whose_decoder_needs_more_than_embeddings_are_refused(build):
+@pytest.mark.parametrize("build,name", [(M.qwen2_vl, "position_ids"), (M.gemma3, "attention_mask")],
+                         ids=["qwen2_vl", "gemma3"])
+def test_vlms_whose_decoder_needs_more_than_embeddings_are_refused(build, name):
     """Qwen2-VL hands its decoder multimodal RoPE positions, Gemma-3 a bidirectional image mask: the trainer and
     the engine, which run the decoder on the merged embeddings with their own positions and masks, refuse them
     with an error naming that input instead of computing log-probs or tokens without it."""
     from mmalign.bdhs.vlm import merged_embeddings
 
     torch.manual_seed(0)
-    model, ids, inputs, name = build()
+    model, ids, inputs = build()
     with pytest.raises(ValueError, match=f"passes {name} .* to its decoder besides the merged embeddings"):
         merged_embeddings(model, ids, inputs)

@@ -53,7 +53,7 @@ def test_fused_log_probs_equal_eager(rng, kind):
     assert model(input_ids=ids, labels=labels, **kw).logits is not None  # the stock forward again
 
 
-VLMS = {"llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "idefics3", "mllama"}
+VLMS = {"llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "gemma3", "idefics3", "mllama"}
 MOE = {"mixtral", "qwen3_moe", "granitemoe", "granitemoeshared"}  # routed experts: float32 matmuls only
 LOGIT_TRANSFORMS = {"gemma2": dict(final_logit_softcapping=0.5), "gemma3_text": dict(final_logit_softcapping=0.5),
                     "cohere": dict(logit_scale=0.3), "cohere2": dict(logit_scale=0.3),
@@ -87,6 +87,24 @@ def test_every_causal_lm_family_gives_its_own_log_probs(rng, kind):
     out = model(input_ids=ids, labels=labels, fused_lm_head=True)
     tol = dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out.log_probs.double(), ref, **tol)
+    undo()
+
+
+@pytest.mark.parametrize("kind", ["qwen2_vl", "gemma3"])
+def test_vlms_with_their_own_positions_and_masks(rng, kind):
+    """The patch runs the model's own multimodal backbone: Qwen2-VL's multimodal RoPE positions and Gemma-3's
+    bidirectional image attention are the model's, and the log-probs equal its own logits' (float64)."""
+    from ..bdhs import _models as M
+
+    torch.manual_seed(0)
+    model, ids, inputs = getattr(M, kind)()
+    labels = ids.clone()
+    labels[:, :3] = -100
+    with torch.no_grad():
+        ref = _eager(model, ids, labels, **inputs)
+        undo = patch_sequence_logps(model)
+        out = model(input_ids=ids, labels=labels, fused_lm_head=True, **inputs)
+    torch.testing.assert_close(out.log_probs, ref, rtol=1e-10, atol=1e-10)
     undo()
 
 
