@@ -129,6 +129,9 @@ class DAMOConfig:
             raise ValueError(f"rho: expected a value in [0, 1], got {self.rho!r}")
         if not 0.0 <= self.label_smoothing < 0.5:
             raise ValueError(f"label_smoothing: expected a value in [0, 0.5), got {self.label_smoothing!r}")
+        if self.label_smoothing and self.loss_type != "sigmoid":
+            raise ValueError(f"label_smoothing: only loss_type='sigmoid' smooths labels (SPEC.md section 2), got "
+                             f"label_smoothing={self.label_smoothing} with loss_type={self.loss_type!r}")
 
     def k(self, n: int) -> int:
         """Number of kept pairs for a batch of n."""

@@ -374,6 +374,7 @@ def test_in_place_running_mean_and_step_tensor(rng):
     (dict(running_mean=torch.zeros((), dtype=torch.float64)), "running_mean: expected dtype"),
     (dict(step=torch.tensor(1.0)), "step: expected dtype"),
     (dict(seed=-1), "seed: expected an int"),
+    (dict(loss_type="ipo", label_smoothing=0.1), "label_smoothing: only loss_type='sigmoid' smooths labels"),
 ])
 def test_bad_arguments_name_the_argument(kw, match):
     logps = [torch.zeros(8) - 1 for _ in range(4)]

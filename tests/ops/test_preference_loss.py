@@ -86,6 +86,7 @@ def test_beta_is_a_constant(rng):
     (dict(loss_type="kto"), "loss_type: expected one of"),
     (dict(reduction="sum"), "reduction: expected one of"),
     (dict(weights=torch.ones(5)), r"weights: expected shape \(4,\)"),
+    (dict(loss_type="hinge", label_smoothing=0.1), "label_smoothing: only loss_type='sigmoid' smooths labels"),
 ])
 def test_bad_arguments(args, match):
     logps = [torch.zeros(4) - 1 for _ in range(4)]
