@@ -106,7 +106,24 @@ class DAMOConfig:
         base.update(overrides)
         cfg = DAMOConfig(**base)
         cfg.validate()
+        cfg._refuse_unread(overrides, preset)
         return cfg
+
+    def _refuse_unread(self, given: dict, preset: str | None) -> None:
+        """An argument given explicitly that this configuration never reads, because of a setting the caller did
+        not give (the preset's or the default), is an error, not silently ignored: ``preset="dpo", keep=0.5``
+        filters nothing, the preset keeps every pair. (``filter="none", keep=3`` is a choice: it passes.)"""
+        unread = {  # argument: (the settings that make it unread, why)
+            "keep": ({"filter"} if self.filter == "none" else set(), "filter='none' keeps every pair"),
+            "selection": ({n for n, unread in (("variant", self.variant == "paper"), ("filter", self.filter != "both"))
+                           if unread}, "only variant='official' with filter='both' selects by sampling or top-K"),
+            "rho": ({"combine"} if self.combine != "sum" else set(),
+                    "only combine='sum' mixes alpha_M and alpha_D with rho"),
+        }
+        for name, (causes, why) in unread.items():
+            if name in given and causes and not causes & given.keys():
+                where = f" (preset {preset!r})" if preset else " (the default)"
+                raise ValueError(f"{name}: has no effect here{where}: {why}")
 
     def validate(self) -> None:
         _validate(self)

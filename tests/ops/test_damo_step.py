@@ -221,6 +221,15 @@ def test_uniforms_are_uniform():
     assert abs(u.mean().item() - 0.5) < 0.005 and abs(u.var().item() - 1 / 12) < 0.002
 
 
+def test_arguments_made_unread_by_the_callers_own_choice_pass():
+    """keep with filter='none', selection with variant='paper', rho with combine='product': given together, a
+    choice (a sweep over filters with one keep), not a mistake; only a setting the caller did not give refuses."""
+    u = torch.zeros(4, dtype=torch.float64)
+    for kw in (dict(filter="none", keep=3), dict(variant="paper", selection="topk"), dict(combine="product", rho=0.3),
+               dict(preset="dpo", filter="both", keep=0.5)):
+        F.damo_step(u, u, u, u, torch.tensor(0.0), **kw)
+
+
 def test_filters_keep_what_table_3_says():
     u = torch.tensor([-3.0, -1.0, 0.0, 1.0, 3.0], dtype=torch.float64)
     z = torch.zeros(5, dtype=torch.float64)
@@ -375,6 +384,9 @@ def test_in_place_running_mean_and_step_tensor(rng):
     (dict(step=torch.tensor(1.0)), "step: expected dtype"),
     (dict(seed=-1), "seed: expected an int"),
     (dict(loss_type="ipo", label_smoothing=0.1), "label_smoothing: only loss_type='sigmoid' smooths labels"),
+    (dict(preset="dpo", keep=0.5), r"keep: has no effect here \(preset 'dpo'\): filter='none' keeps every pair"),
+    (dict(preset="d2po", selection="topk"), r"selection: has no effect here \(preset 'd2po'\): only variant="),
+    (dict(rho=0.3), r"rho: has no effect here \(the default\): only combine='sum'"),
 ])
 def test_bad_arguments_name_the_argument(kw, match):
     logps = [torch.zeros(8) - 1 for _ in range(4)]

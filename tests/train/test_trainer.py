@@ -342,7 +342,8 @@ def test_reference_pass_resumes_after_a_kill_shards_and_reports_bad_records(setu
     with pytest.raises(_Killed):
         reference.precompute_reference(cfg, str(tmp_path / "out.jsonl"), **kw)
     assert not (tmp_path / "out.jsonl").exists()
-    monkeypatch.setattr(reference, "_process", lambda batch, *a: batches.append([r.index for r in batch]) or real(batch, *a))
+    monkeypatch.setattr(reference, "_process",
+                        lambda batch, *a: batches.append([r.index for r in batch]) or real(batch, *a))
     assert reference.precompute_reference(cfg, str(tmp_path / "out.jsonl"), **kw) == 7
     assert batches == [[0, 1, 2], [3, 4, 5], [6, 7]]  # the first batch is not computed again
     assert [json.loads(x) for x in open(tmp_path / "out.jsonl")] == whole
