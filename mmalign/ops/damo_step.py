@@ -102,6 +102,10 @@ class DAMOConfig:
     def _build(preset: str | None, overrides: dict) -> "DAMOConfig":
         if preset is not None and preset not in PRESETS:
             raise ValueError(f"preset: expected one of {sorted(PRESETS)} or None, got {preset!r}")
+        unknown = sorted(set(overrides) - {f.name for f in fields(DAMOConfig)})
+        if unknown:
+            raise ValueError(f"{', '.join(unknown)}: unknown DAMO option(s); expected some of "
+                             f"{[f.name for f in fields(DAMOConfig)]}")
         base = dict(PRESETS[preset]) if preset else {}
         base.update(overrides)
         cfg = DAMOConfig(**base)

@@ -31,6 +31,7 @@ import torch
 
 from .. import data, jobs
 from ..nn import DAMOLoss
+from ..ops.damo_step import DAMOConfig
 from ..prompts import PromptEncoder, load_model
 from .batches import PairExample, encode_pair, pair_logps, to_device, with_responses
 
@@ -110,6 +111,13 @@ class TrainConfig:
         if self.online_bdhs is not None and self.reference != "model":
             raise ValueError("online_bdhs: the online rejected responses need live reference log-probs: "
                              "use reference='model'")
+        if not isinstance(self.damo, dict):
+            raise ValueError(f"damo: expected a mapping of DAMO options, got {type(self.damo).__name__}")
+        preset, loss_type = LOSSES[self.loss]
+        try:
+            DAMOConfig.from_preset(preset, loss_type=loss_type, **self.damo)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"damo: {e}") from None
 
     @classmethod
     def from_file(cls, path: str, **overrides) -> "TrainConfig":

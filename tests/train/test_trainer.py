@@ -392,6 +392,18 @@ def test_precomputed_reference_in_the_training_dtype(setup, tmp_path, bf16):
     assert trainer.train()[0]["margin"] == 0
 
 
+@pytest.mark.parametrize("damo,match", [({"kepp": 0.5}, "damo: kepp: unknown DAMO option"),
+                                        ({"keep": "0.5"}, "damo: keep: expected a ratio"),
+                                        ({"rho": 0.3}, "damo: rho: has no effect here"),
+                                        ("keep=0.5", "damo: expected a mapping")])
+def test_damo_options_are_checked_with_the_config(damo, match):
+    """A typo or a bad value in the config's DAMO options is a one-line error when the config is validated, before
+    any model is loaded (the CLI prints it and exits 2), not a TypeError at the first step."""
+    with pytest.raises(ValueError, match=match):
+        TrainConfig(model="m", data="d", loss="damo", damo=damo).validate()
+    TrainConfig(model="m", data="d", loss="damo", damo={"keep": 0.5, "combine": "sum", "rho": 0.3}).validate()
+
+
 def test_autocast_options_are_checked(setup, tmp_path):
     root, model_dir = setup
     with pytest.raises(ValueError, match="autocast: .* set bf16=True"):
