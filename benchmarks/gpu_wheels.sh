@@ -24,7 +24,7 @@ $PY -m pip download -q --no-deps --only-binary=:all: --python-version "$PYVER" -
   trl==1.16.0 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 \
   open_clip_torch==3.3.0 ftfy==6.3.1 wcwidth==0.9.4 \
   hjson==3.1.0 pydantic==2.14.3 pydantic_core==2.50.4 annotated-types==0.8.0 typing-inspection==0.4.5 \
-  typing_extensions==4.16.0 liger-kernel==0.8.5
+  typing_extensions==4.16.0 liger-kernel==0.8.5 peft==0.21.2
 
 # DeepSpeed is published as source only: build its pure-Python wheel (no prebuilt ops; they JIT-compile)
 if ! ls "$DIR"/deepspeed-0.19.8-*.whl > /dev/null 2>&1; then

@@ -10,10 +10,14 @@ Trainer loop, accelerate/DeepSpeed, logging) is TRL's.
 
 Notes: α_D is not used here (TRL's collator drops extra columns; use ``mmalign train`` for d2po/damo with
 data hardness); TRL's own loss options (``loss_type``, ``f_divergence_type``, ``ld_alpha``) are ignored in
-favour of ``damo_loss``; the reference comes from ``ref_model`` or ``precompute_ref_log_probs=True``.
+favour of ``damo_loss``; the reference comes from ``ref_model``, ``precompute_ref_log_probs=True``, or, for a
+PEFT model without ``ref_model``, as in TRL: the base model with the adapters off (a new adapter), or the adapter
+named "ref" when there is one (re-training an existing adapter).
 Written against TRL 1.x, whose ``DPOTrainer._compute_loss(model, inputs, return_outputs)`` this overrides.
 """
 from __future__ import annotations
+
+import contextlib
 
 import torch
 
@@ -56,9 +60,12 @@ class DAMODPOTrainer(DPOTrainer):
         elif self.ref_model is not None:
             with torch.no_grad():
                 ref_chosen, ref_rejected = self._sequence_logps(self.ref_model, inputs)
+        elif hasattr(unwrapped := self.accelerator.unwrap_model(self.model), "disable_adapter"):  # PEFT
+            with torch.no_grad(), _reference_adapter(unwrapped):
+                ref_chosen, ref_rejected = self._sequence_logps(model, inputs)
         else:
-            raise ValueError("DAMODPOTrainer needs a reference: pass ref_model, or precompute_ref_log_probs=True "
-                             "(a PEFT model's disabled adapters are not used as the reference here)")
+            raise ValueError("DAMODPOTrainer needs a reference: pass ref_model, precompute_ref_log_probs=True, or a "
+                             "PEFT model (its base model is the reference)")
         self.damo_loss.train(mode == "train")  # eval batches use the running mean without updating it
         out = self.damo_loss(chosen.float(), rejected.float(), ref_chosen.float(), ref_rejected.float())
         world = self.accelerator.num_processes
@@ -76,3 +83,19 @@ class DAMODPOTrainer(DPOTrainer):
         metrics["damo/beta_mean"].append(m.beta.mean().item())
         metrics["damo/running_mean"].append(float(self.damo_loss.running_mean))
         return (loss, out) if return_outputs else loss
+
+
+@contextlib.contextmanager
+def _reference_adapter(peft_model):
+    """The reference inside a PEFT model, as TRL takes it: the adapter named "ref" when the model has one
+    (re-training an existing adapter from its initial copy), else the base model with every adapter off."""
+    if "ref" not in getattr(peft_model, "peft_config", {}):
+        with peft_model.disable_adapter():
+            yield
+        return
+    previous = peft_model.active_adapter
+    peft_model.set_adapter("ref")
+    try:
+        yield
+    finally:
+        peft_model.set_adapter(previous)

@@ -61,6 +61,31 @@ def test_dpo_preset_matches_trl(tmp_path):
     assert a == pytest.approx(b, rel=1e-5)
 
 
+def test_peft_model_without_ref_model_matches_trl(tmp_path):
+    """A LoRA policy and no ref_model: the reference is the base model with the adapter off, as in TRL, and with
+    the dpo preset the losses equal TRL's step by step (the adapter starts at zero: log 2 at step 0)."""
+    peft = pytest.importorskip("peft")
+    from trl import DPOTrainer
+
+    from mmalign.integrations.trl import DAMODPOTrainer
+
+    tok, ds, model, args = _setup(tmp_path)
+
+    def lora():
+        torch.manual_seed(1)
+        return peft.get_peft_model(model(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+
+    fp32_sgd = {"bf16": False, "optim": "sgd", "learning_rate": 2.0}
+    ours = DAMODPOTrainer(model=lora(), ref_model=None, args=args("ours", **fp32_sgd), train_dataset=ds,
+                          processing_class=tok, damo_loss=DAMOLoss(beta=0.1, preset="dpo"))
+    theirs = DPOTrainer(model=lora(), ref_model=None, args=args("theirs", **fp32_sgd), train_dataset=ds,
+                        processing_class=tok)
+    a, b = _losses(ours), _losses(theirs)
+    assert len(a) == 3 and a[0] == pytest.approx(math.log(2), abs=1e-7)
+    assert abs(a[2] - a[0]) > 1e-3
+    assert a == pytest.approx(b, rel=1e-5)
+
+
 def test_reference_runs_in_the_policys_precision(tmp_path):
     """Under bf16 mixed precision accelerate wraps the models' forwards in autocast; the reference's fused
     log-probs must run under it too, or identical weights give nonzero log-ratios at the first step."""
