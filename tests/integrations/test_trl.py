@@ -29,9 +29,9 @@ def _setup(tmp_path):
         return LlamaForCausalLM(cfg)
 
     def args(name, **kw):
-        kw = {"learning_rate": 1e-3, "max_steps": 3, **kw}
+        kw = {"learning_rate": 1e-3, "max_steps": 3, "max_length": 64, **kw}
         return DPOConfig(output_dir=str(tmp_path / name), per_device_train_batch_size=4, beta=0.1, logging_steps=1,
-                         report_to=[], use_cpu=True, save_strategy="no", seed=0, max_length=64, **kw)
+                         report_to=[], use_cpu=True, save_strategy="no", seed=0, **kw)
 
     return tok, ds, model, args
 
@@ -107,3 +107,44 @@ def test_damo_preset_trains_and_logs(tmp_path):
     logged = [h for h in trainer.state.log_history if "damo/alpha_m" in h]
     assert len(losses) == 3 and len(logged) == 3 and logged[-1]["damo/kept"] == 3  # floor(0.8 * 4)
     assert float(trainer.damo_loss.running_mean) != 0.0
+
+
+def test_vlm_dpo_preset_matches_trl(tmp_path):
+    """A tiny LLaVA with its processor and images, TRL's conversational VLM data: the patch's multimodal fused
+    log-probs give TRL's own DPO losses step by step (the dpo preset)."""
+    from PIL import Image
+    from transformers import CLIPImageProcessor, LlavaProcessor
+    from trl import DPOTrainer
+
+    from mmalign.integrations.trl import DAMODPOTrainer
+
+    _, _, _, args = _setup(tmp_path)
+    tok = synthetic.word_tokenizer()
+    processor = LlavaProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32},
+                                                                  crop_size={"height": 32, "width": 32}),
+                               tokenizer=tok, patch_size=8, vision_feature_select_strategy="default",
+                               num_additional_image_tokens=1, image_token="<image>")
+    processor.chat_template = (
+        "{% for m in messages %}{% if m['role'] == 'user' %}USER : {% for c in m['content'] %}{% if c['type'] == "
+        "'image' %}<image> {% else %}{{ c['text'] }}{% endif %}{% endfor %} {% else %}ASSISTANT : {% for c in "
+        "m['content'] %}{{ c['text'] }}{% endfor %}{% endif %}{% endfor %}{% if add_generation_prompt %}"
+        "ASSISTANT :{% endif %}")
+    rows = synthetic.make_pairs(8, tmp_path / "images")
+    ds = datasets.Dataset.from_list([
+        {"images": [Image.open(tmp_path / "images" / r["image"]).convert("RGB")],
+         "prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe the image ."}]}],
+         "chosen": [{"role": "assistant", "content": [{"type": "text", "text": r["chosen"]}]}],
+         "rejected": [{"role": "assistant", "content": [{"type": "text", "text": r["rejected"]}]}]} for r in rows])
+
+    def model():
+        return synthetic.tiny_llava(tok, seed=0)
+
+    fp32_sgd = {"bf16": False, "optim": "sgd", "learning_rate": 2.0, "max_length": None}
+    ours = DAMODPOTrainer(model=model(), ref_model=model(), args=args("ours", **fp32_sgd), train_dataset=ds,
+                          processing_class=processor, damo_loss=DAMOLoss(beta=0.1, preset="dpo"))
+    theirs = DPOTrainer(model=model(), ref_model=model(), args=args("theirs", **fp32_sgd), train_dataset=ds,
+                        processing_class=processor)
+    a, b = _losses(ours), _losses(theirs)
+    assert len(a) == 3 and a[0] == pytest.approx(math.log(2), abs=1e-7)
+    assert abs(a[2] - a[0]) > 1e-3
+    assert a == pytest.approx(b, rel=1e-5)
