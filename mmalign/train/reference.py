@@ -32,6 +32,7 @@ def precompute_reference(cfg: TrainConfig, out: str, *, model=None, processor=No
         raise ValueError(f"batch_size: expected >= 1, got {batch_size}")
     if not cfg.data:
         raise ValueError("data: give a preference dataset")
+    jobs.check_device(cfg.device)
     out = jobs.check_output(out, overwrite)
     ds = deepspeed_config(cfg)
     dtype, autocast = training_dtype(ds), autocast_dtype(ds)
