@@ -9,10 +9,11 @@ Trainer loop, accelerate/DeepSpeed, logging) is TRL's.
     trainer.train()
 
 Notes: α_D is not used here (TRL's collator drops extra columns; use ``mmalign train`` for d2po/damo with
-data hardness); TRL's own loss options (``loss_type``, ``f_divergence_type``, ``ld_alpha``) are ignored in
-favour of ``damo_loss``; the reference comes from ``ref_model``, ``precompute_ref_log_probs=True``, or, for a
-PEFT model without ``ref_model``, as in TRL: the base model with the adapters off (a new adapter), or the adapter
-named "ref" when there is one (re-training an existing adapter).
+data hardness); the loss is ``damo_loss``: TRL's own loss options (``loss_type``, ``label_smoothing``, ``beta``,
+``f_divergence_type``, ``ld_alpha``, ``loss_weights``, ``use_weighting``) raise unless they agree with it; the
+reference comes from ``ref_model``, ``precompute_ref_log_probs=True``, or, for a PEFT model without
+``ref_model``, as in TRL: the base model with the adapters off (a new adapter), or the adapter named "ref"
+when there is one (re-training an existing adapter).
 Written against TRL 1.x, whose ``DPOTrainer._compute_loss(model, inputs, return_outputs)`` this overrides.
 """
 from __future__ import annotations
@@ -36,6 +37,7 @@ class DAMODPOTrainer(DPOTrainer):
     def __init__(self, *args, damo_loss: DAMOLoss | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.damo_loss = (damo_loss or DAMOLoss(beta=self.beta, preset="damo")).to(self.accelerator.device)
+        refuse_unread_options(self.args, self.damo_loss)
         base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         patch_sequence_logps(base)  # on top of TRL's fused head: ours answers fused_lm_head=True
         if self.ref_model is not None:
@@ -83,6 +85,26 @@ class DAMODPOTrainer(DPOTrainer):
         metrics["damo/beta_mean"].append(m.beta.mean().item())
         metrics["damo/running_mean"].append(float(self.damo_loss.running_mean))
         return (loss, out) if return_outputs else loss
+
+
+def refuse_unread_options(args, damo_loss: DAMOLoss) -> None:
+    """DPOConfig's loss options that this trainer does not read (its loss is ``damo_loss``) raise ValueError
+    pointing at DAMOLoss, unless they agree with it: never a loss other than the one asked for, silently."""
+    cfg = damo_loss.config
+    loss_types = [args.loss_type] if isinstance(args.loss_type, str) else list(args.loss_type)
+    if loss_types not in (["sigmoid"], [cfg.loss_type]):
+        raise ValueError(f"loss_type: DAMODPOTrainer's loss is damo_loss (loss_type={cfg.loss_type!r}), not "
+                         f"DPOConfig's {loss_types}: pass DAMOLoss(loss_type=...)")
+    if args.label_smoothing not in (0.0, cfg.label_smoothing):
+        raise ValueError(f"label_smoothing: DAMODPOTrainer's loss is damo_loss (label_smoothing={cfg.label_smoothing}):"
+                         " pass DAMOLoss(label_smoothing=...)")
+    if args.beta not in (0.1, damo_loss.beta):  # 0.1: DPOConfig's default, not a choice
+        raise ValueError(f"beta: DPOConfig has beta={args.beta} and damo_loss beta={damo_loss.beta}: the loss uses "
+                         "damo_loss's; make them agree")
+    unsupported = {"f_divergence_type": "reverse_kl", "ld_alpha": None, "loss_weights": None, "use_weighting": False}
+    for name, default in unsupported.items():
+        if getattr(args, name, default) != default:
+            raise ValueError(f"{name}: DAMODPOTrainer's loss (damo_loss) does not implement it; leave it at {default!r}")
 
 
 @contextlib.contextmanager

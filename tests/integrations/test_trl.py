@@ -29,8 +29,8 @@ def _setup(tmp_path):
         return LlamaForCausalLM(cfg)
 
     def args(name, **kw):
-        kw = {"learning_rate": 1e-3, "max_steps": 3, "max_length": 64, **kw}
-        return DPOConfig(output_dir=str(tmp_path / name), per_device_train_batch_size=4, beta=0.1, logging_steps=1,
+        kw = {"learning_rate": 1e-3, "max_steps": 3, "max_length": 64, "beta": 0.1, **kw}
+        return DPOConfig(output_dir=str(tmp_path / name), per_device_train_batch_size=4, logging_steps=1,
                          report_to=[], use_cpu=True, save_strategy="no", seed=0, **kw)
 
     return tok, ds, model, args
@@ -148,3 +148,31 @@ def test_vlm_dpo_preset_matches_trl(tmp_path):
     assert len(a) == 3 and a[0] == pytest.approx(math.log(2), abs=1e-7)
     assert abs(a[2] - a[0]) > 1e-3
     assert a == pytest.approx(b, rel=1e-5)
+
+
+@pytest.mark.parametrize("dpo,loss,match", [
+    (dict(loss_type="ipo"), {}, r"loss_type: DAMODPOTrainer's loss is damo_loss \(loss_type='sigmoid'\)"),
+    (dict(loss_type=["sigmoid", "sft"]), {}, "loss_type"),
+    (dict(label_smoothing=0.1), {}, "label_smoothing: DAMODPOTrainer's loss is damo_loss"),
+    (dict(beta=0.3), dict(beta=0.2), "beta: DPOConfig has beta=0.3 and damo_loss beta=0.2"),
+    (dict(ld_alpha=0.5), {}, "ld_alpha: DAMODPOTrainer's loss"),
+    (dict(use_weighting=True), {}, "use_weighting"),
+    (dict(loss_type="ipo", beta=0.3), dict(preset="dpo", loss_type="ipo", beta=0.3), None),  # they agree
+    (dict(beta=0.3), None, None),  # no damo_loss: the default one takes DPOConfig's beta
+])
+def test_trl_loss_options_it_does_not_read_are_refused(tmp_path, dpo, loss, match):
+    """DPOConfig's loss options would be silently ignored (the loss is damo_loss): they raise unless they agree."""
+    from mmalign.integrations.trl import DAMODPOTrainer
+
+    tok, ds, model, args = _setup(tmp_path)
+
+    def build():
+        return DAMODPOTrainer(model=model(), ref_model=model(), args=args("x", **dpo), train_dataset=ds,
+                              processing_class=tok, damo_loss=None if loss is None else DAMOLoss(**loss))
+
+    if match is None:
+        assert build().damo_loss.beta == dpo["beta"]
+    else:
+        with pytest.raises(ValueError, match=match):
+            build()
+
