@@ -104,7 +104,8 @@ def refuse_unread_options(args, damo_loss: DAMOLoss) -> None:
     unsupported = {"f_divergence_type": "reverse_kl", "ld_alpha": None, "loss_weights": None, "use_weighting": False}
     for name, default in unsupported.items():
         if getattr(args, name, default) != default:
-            raise ValueError(f"{name}: DAMODPOTrainer's loss (damo_loss) does not implement it; leave it at {default!r}")
+            raise ValueError(f"{name}: DAMODPOTrainer's loss (damo_loss) does not implement it; "
+                             f"leave it at {default!r}")
 
 
 @contextlib.contextmanager
