@@ -18,6 +18,8 @@ from typing import Callable
 
 import torch
 
+from .ops.fused_linear_sequence_logps import transform_logits
+
 
 @dataclass(frozen=True)
 class LogitTransform:
@@ -28,11 +30,7 @@ class LogitTransform:
 
     def __call__(self, z: torch.Tensor) -> torch.Tensor:
         """Eager and differentiable, for logits that exist anyway (generation, ZeRO-3's gathered head)."""
-        if self.scale != 1.0:
-            z = z * self.scale
-        if self.softcap is not None:
-            z = self.softcap * torch.tanh(z / self.softcap)
-        return z
+        return transform_logits(z, self.scale, self.softcap)
 
     def kwargs(self) -> dict:
         """The arguments of :func:`mmalign.functional.fused_linear_sequence_logps` that apply it."""

@@ -28,9 +28,9 @@ from dataclasses import dataclass, field
 import torch
 
 from ..attention import compact_image_tokens, hf, sample_image_keep
+from ..lm_logits import logit_transform
 from . import text as T
 from .noise import add_noise
-from ..lm_logits import logit_transform
 from .vlm import decoder_and_head, image_token_id, merged_embeddings
 
 MODES = ("attn", "noise", "both", "none", "povid")

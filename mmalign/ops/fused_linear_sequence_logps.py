@@ -27,11 +27,16 @@ def fused_linear_token_logps_reference(hidden, weight, labels, bias=None, ignore
     logits = hidden @ weight.T
     if bias is not None:
         logits = logits + bias
+    return token_logps_reference(transform_logits(logits, scale, softcap), labels, ignore_index)
+
+
+def transform_logits(z: torch.Tensor, scale: float = 1.0, softcap: float | None = None) -> torch.Tensor:
+    """softcap * tanh(scale * z / softcap), out of place and differentiable (each step only when set)."""
     if scale != 1.0:
-        logits = logits * scale
+        z = z * scale
     if softcap is not None:
-        logits = softcap * torch.tanh(logits / softcap)
-    return token_logps_reference(logits, labels, ignore_index)
+        z = softcap * torch.tanh(z / softcap)
+    return z
 
 
 def _transform_(z: torch.Tensor, scale: float, softcap: float | None, slope: bool = False) -> torch.Tensor | None:
