@@ -19,6 +19,7 @@ Written against TRL 1.x, whose ``DPOTrainer._compute_loss(model, inputs, return_
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 
 import torch
 
@@ -90,22 +91,28 @@ class DAMODPOTrainer(DPOTrainer):
 def refuse_unread_options(args, damo_loss: DAMOLoss) -> None:
     """DPOConfig's loss options that this trainer does not read (its loss is ``damo_loss``) raise ValueError
     pointing at DAMOLoss, unless they agree with it: never a loss other than the one asked for, silently."""
-    cfg = damo_loss.config
+    cfg, default = damo_loss.config, _defaults(args)  # a DPOConfig default is not a choice
     loss_types = [args.loss_type] if isinstance(args.loss_type, str) else list(args.loss_type)
-    if loss_types not in (["sigmoid"], [cfg.loss_type]):
+    if loss_types not in (default["loss_type"], [cfg.loss_type]):
         raise ValueError(f"loss_type: DAMODPOTrainer's loss is damo_loss (loss_type={cfg.loss_type!r}), not "
                          f"DPOConfig's {loss_types}: pass DAMOLoss(loss_type=...)")
-    if args.label_smoothing not in (0.0, cfg.label_smoothing):
+    if args.label_smoothing not in (default["label_smoothing"], cfg.label_smoothing):
         raise ValueError(f"label_smoothing: DAMODPOTrainer's loss is damo_loss (label_smoothing={cfg.label_smoothing}):"
                          " pass DAMOLoss(label_smoothing=...)")
-    if args.beta not in (0.1, damo_loss.beta):  # 0.1: DPOConfig's default, not a choice
+    if args.beta not in (default["beta"], damo_loss.beta):
         raise ValueError(f"beta: DPOConfig has beta={args.beta} and damo_loss beta={damo_loss.beta}: the loss uses "
                          "damo_loss's; make them agree")
-    unsupported = {"f_divergence_type": "reverse_kl", "ld_alpha": None, "loss_weights": None, "use_weighting": False}
-    for name, default in unsupported.items():
-        if getattr(args, name, default) != default:
+    for name in ("f_divergence_type", "ld_alpha", "loss_weights", "use_weighting"):  # not in damo_loss
+        if name in default and getattr(args, name) != default[name]:
             raise ValueError(f"{name}: DAMODPOTrainer's loss (damo_loss) does not implement it; "
-                             f"leave it at {default!r}")
+                             f"leave it at {default[name]!r}")
+
+
+def _defaults(args) -> dict:
+    """The default of every field of ``args`` (a DPOConfig dataclass)."""
+    return {f.name: f.default_factory() if f.default is dataclasses.MISSING else f.default
+            for f in dataclasses.fields(args) if f.default is not dataclasses.MISSING
+            or f.default_factory is not dataclasses.MISSING}
 
 
 @contextlib.contextmanager
