@@ -46,6 +46,17 @@ def save_sentence_model(dir) -> str:
     return synthetic.save_tiny_sentence_model(dir, [WORDS])
 
 
+def causal_lm(kind: str, vocab_size: int, dtype=torch.float64, **config):
+    """A tiny random causal LM of any transformers model type (2 layers, 32 wide, seed 0), built from its config
+    with ``config`` added (token ids, a logit transform, MoE sizes); ValueError for a type transformers lacks."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.for_model(kind, vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2, head_dim=8, **config)
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(cfg).to(dtype)
+
+
 def qwen2_vl():
     """A tiny random Qwen2-VL (multimodal RoPE), one 28-pixel image: (model, input_ids, image inputs)."""
     import inspect

@@ -217,14 +217,9 @@ def test_complete_rows_records_no_autograd_history(setup):
 def test_next_token_logits_are_the_models_own(setup, kind, transform):
     """The engine samples from the model's logits, including its family's transform of the LM head's output
     (Gemma-2's soft-capping, Cohere's scale: mmalign.lm_logits), not from the head's raw output."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     tok = setup[0]
-    cfg = AutoConfig.for_model(kind, vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                               num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-                               pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, **transform)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(cfg).double().eval()
+    model = M.causal_lm(kind, len(tok), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                        **transform).eval()
     engine = BDHSEngine(model, tok, _sim(0.0), BDHSConfig(mode="attn", max_new_tokens=5))
     ids = torch.tensor(tok("USER : Describe the image . ASSISTANT :")["input_ids"])[None]
     with torch.no_grad():

@@ -66,19 +66,15 @@ def test_every_causal_lm_family_gives_its_own_log_probs(rng, kind):
     """Each causal LM of the table, tiny and random: the fused log-probs equal log_softmax of the model's own
     logits, including the families that transform them (Gemma-2/3 soft-capping, Cohere's scale, Granite's
     divisor: set far from neutral here, so that the head's raw output would be far off)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from ..bdhs import _models as M
 
+    dtype = torch.float32 if kind in MOE else torch.float64
     try:
-        config = AutoConfig.for_model(kind, vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-                                      max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-                                      num_local_experts=4, num_experts=4, num_experts_per_tok=2,
-                                      moe_intermediate_size=32, **LOGIT_TRANSFORMS.get(kind, {}))
+        model = M.causal_lm(kind, 97, dtype, max_position_embeddings=64, pad_token_id=0, bos_token_id=1,
+                            eos_token_id=2, num_local_experts=4, num_experts=4, num_experts_per_tok=2,
+                            moe_intermediate_size=32, **LOGIT_TRANSFORMS.get(kind, {})).eval()
     except ValueError:
         pytest.skip(f"this transformers has no {kind}")
-    torch.manual_seed(0)
-    dtype = torch.float32 if kind in MOE else torch.float64
-    model = AutoModelForCausalLM.from_config(config).to(dtype).eval()
     ids = torch.randint(3, 97, (2, 10), generator=rng)
     labels = ids.clone()
     labels[:, :4] = -100

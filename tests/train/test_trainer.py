@@ -98,15 +98,9 @@ def test_pair_logps_equal_eager_and_encode_each_image_once(setup, zero3, share_p
 def test_pair_logps_apply_the_familys_logit_transform(rng, kind, transform, zero3):
     """Families whose forward transforms the LM head's output (Gemma-2 soft-caps it, Cohere and Granite scale
     it; set far from neutral): the log-probs and gradients are those of the model's own logits (float64)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     from mmalign.train.batches import PairExample
 
-    config = AutoConfig.for_model(kind, vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                  num_attention_heads=4, num_key_value_heads=2, head_dim=8, pad_token_id=0,
-                                  bos_token_id=1, eos_token_id=2, **transform)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config).double()
+    model = M.causal_lm(kind, 50, pad_token_id=0, bos_token_id=1, eos_token_id=2, **transform)
     ids = lambda n: torch.randint(3, 50, (n,), generator=rng).tolist()  # noqa: E731
     examples = [PairExample(i, str(i), torch.tensor(ids(4 + i)), {}, ids(3 + i), ids(5 - i)) for i in range(3)]
     pc, pr = pair_logps(model, examples, zero3=zero3)
