@@ -43,15 +43,8 @@ PROVIDERS = ["trl", "trl-ckpt", "mmalign-dpo", "mmalign-damo", "mmalign-dpo-auto
 STEPS = 3
 
 
-CHAT_TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'user' %}USER : {% for c in m['content'] %}"
-                 "{% if c['type'] == 'image' %}<image> {% else %}{{ c['text'] }}{% endif %}{% endfor %} "
-                 "{% else %}ASSISTANT : {% for c in m['content'] %}{{ c['text'] }}{% endfor %}{% endif %}{% endfor %}"
-                 "{% if add_generation_prompt %}ASSISTANT :{% endif %}")
-
-
 def _setup(device, quick, kind):
-    from transformers import (CLIPImageProcessor, LlamaConfig, LlamaForCausalLM, LlavaConfig,
-                              LlavaForConditionalGeneration, LlavaProcessor)
+    from transformers import LlamaConfig, LlamaForCausalLM, LlavaConfig, LlavaForConditionalGeneration
 
     tok = synthetic.word_tokenizer(image_token="<image>" if kind == "vlm" else None)
     text = dict(decoder_dims(device, 2 if quick else 4), pad_token_id=tok.pad_token_id,
@@ -63,11 +56,7 @@ def _setup(device, quick, kind):
                       image_size=336, patch_size=14)
         cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_id=tok.convert_tokens_to_ids("<image>"),
                           vision_feature_layer=-1)
-        processor = LlavaProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 336},
-                                                                      crop_size={"height": 336, "width": 336}),
-                                   tokenizer=tok, patch_size=14, vision_feature_select_strategy="default",
-                                   num_additional_image_tokens=1, image_token="<image>")
-        processor.chat_template = CHAT_TEMPLATE
+        processor = synthetic.llava_processor(tok, 336, 14, chat_template=synthetic.CHAT_TEMPLATE)
     else:
         cfg = LlamaConfig(**text)
 

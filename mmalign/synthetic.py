@@ -120,14 +120,31 @@ def tiny_llava(tokenizer, *, hidden: int = 32, layers: int = 2, dtype=torch.floa
     return model
 
 
-def save_tiny_llava(dir, tokenizer, **kwargs) -> str:
-    """:func:`tiny_llava` and its processor (CLIP image processor + the tokenizer) saved to ``dir``."""
+# LLaVA-1.5's prompt format as a chat template over TRL's conversational messages (text and image parts)
+CHAT_TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'user' %}USER : {% for c in m['content'] %}"
+                 "{% if c['type'] == 'image' %}<image> {% else %}{{ c['text'] }}{% endif %}{% endfor %} "
+                 "{% else %}ASSISTANT : {% for c in m['content'] %}{{ c['text'] }}{% endfor %}{% endif %}{% endfor %}"
+                 "{% if add_generation_prompt %}ASSISTANT :{% endif %}")
+
+
+def llava_processor(tokenizer, image_size: int = 32, patch_size: int = 8, chat_template: str | None = None):
+    """A ``LlavaProcessor``: CLIP image processor at ``image_size`` pixels and the tokenizer's ``<image>``."""
     from transformers import CLIPImageProcessor, LlavaProcessor
 
+    processor = LlavaProcessor(
+        image_processor=CLIPImageProcessor(size={"shortest_edge": image_size},
+                                           crop_size={"height": image_size, "width": image_size}),
+        tokenizer=tokenizer, patch_size=patch_size, vision_feature_select_strategy="default",
+        num_additional_image_tokens=1, image_token="<image>")
+    if chat_template is not None:
+        processor.chat_template = chat_template
+    return processor
+
+
+def save_tiny_llava(dir, tokenizer, **kwargs) -> str:
+    """:func:`tiny_llava` and its processor (CLIP image processor + the tokenizer) saved to ``dir``."""
     tiny_llava(tokenizer, **kwargs).save_pretrained(dir)
-    LlavaProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
-                   tokenizer=tokenizer, patch_size=8, vision_feature_select_strategy="default",
-                   num_additional_image_tokens=1, image_token="<image>").save_pretrained(dir)
+    llava_processor(tokenizer).save_pretrained(dir)
     return str(dir)
 
 

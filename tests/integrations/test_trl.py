@@ -113,22 +113,13 @@ def test_vlm_dpo_preset_matches_trl(tmp_path):
     """A tiny LLaVA with its processor and images, TRL's conversational VLM data: the patch's multimodal fused
     log-probs give TRL's own DPO losses step by step (the dpo preset)."""
     from PIL import Image
-    from transformers import CLIPImageProcessor, LlavaProcessor
     from trl import DPOTrainer
 
     from mmalign.integrations.trl import DAMODPOTrainer
 
     _, _, _, args = _setup(tmp_path)
     tok = synthetic.word_tokenizer()
-    processor = LlavaProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32},
-                                                                  crop_size={"height": 32, "width": 32}),
-                               tokenizer=tok, patch_size=8, vision_feature_select_strategy="default",
-                               num_additional_image_tokens=1, image_token="<image>")
-    processor.chat_template = (
-        "{% for m in messages %}{% if m['role'] == 'user' %}USER : {% for c in m['content'] %}{% if c['type'] == "
-        "'image' %}<image> {% else %}{{ c['text'] }}{% endif %}{% endfor %} {% else %}ASSISTANT : {% for c in "
-        "m['content'] %}{{ c['text'] }}{% endfor %}{% endif %}{% endfor %}{% if add_generation_prompt %}"
-        "ASSISTANT :{% endif %}")
+    processor = synthetic.llava_processor(tok, chat_template=synthetic.CHAT_TEMPLATE)
     rows = synthetic.make_pairs(8, tmp_path / "images")
     ds = datasets.Dataset.from_list([
         {"images": [Image.open(tmp_path / "images" / r["image"]).convert("RGB")],
