@@ -331,7 +331,7 @@ MIXED = [(torch.float32, torch.float64, torch.float32, torch.float32),
 
 @pytest.mark.parametrize("device,backend,dtype", cases(OP, (torch.float32,)))
 @pytest.mark.parametrize("dtypes", MIXED, ids=lambda d: "-".join(str(t)[6:] for t in d))
-def test_mixed_input_dtypes_compute_in_the_promoted_dtype(rng, device, backend, dtype, dtypes):
+def test_mixed_input_dtypes_compute_in_the_promoted_dtype(rng, poison, device, backend, dtype, dtypes):
     """Log-probs of different dtypes (say a float64 policy and a float32 reference) give every backend
     the reference's result in torch's promoted dtype, and each input its gradient in its own dtype."""
     logps, alpha_d = _inputs(rng, 12, device)

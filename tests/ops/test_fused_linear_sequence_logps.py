@@ -64,7 +64,7 @@ TRANSFORMS = [dict(logit_softcap=0.7), dict(logit_scale=0.25), dict(logit_scale=
 @pytest.mark.parametrize("device,backend,dtype", cases(OP) + [pytest.param("cpu", "reference", torch.float64,
                                                                            id="cpu-reference-float64")])
 @pytest.mark.parametrize("transform", TRANSFORMS, ids=lambda t: "-".join(f"{k}={v}" for k, v in t.items()))
-def test_logit_transform_matches_the_transformed_logits(rng, device, backend, dtype, transform):
+def test_logit_transform_matches_the_transformed_logits(rng, poison, device, backend, dtype, transform):
     """Soft-capped and scaled logits (Gemma-2, Cohere, Granite) equal sequence_logps of the transformed full
     logits, values and gradients, over several chunks; gradcheck in float64."""
     hidden, weight, b, labels = _inputs(rng, 2, 6, 16, 33, device)

@@ -48,7 +48,7 @@ def test_gradcheck(rng, device, backend, dtype, loss_type):
 
 
 @pytest.mark.parametrize("device,backend,dtype", cases(OP, (torch.float32,)))
-def test_mixed_input_dtypes_compute_in_the_promoted_dtype(rng, device, backend, dtype):
+def test_mixed_input_dtypes_compute_in_the_promoted_dtype(rng, poison, device, backend, dtype):
     """A float64 policy with float32 reference log-probs: float64 results, as the reference gives."""
     logps = [t.to(dt).requires_grad_() for t, dt in
              zip(_logps(rng, 9, device), (torch.float64, torch.float64, torch.float32, torch.float32))]
