@@ -95,7 +95,7 @@ def fused_linear_sequence_logps(hidden: torch.Tensor, weight: torch.Tensor, labe
         labels: (B, T) int64, values in [0, V) or ``ignore_index``.
         accumulate_fp32: accumulate grad_weight/grad_bias in fp32 across chunks for fp16/bf16.
         logit_scale, logit_softcap: the model family's transform of the head's output, if any
-            (:func:`mmalign.lm_logits.logit_transform` reads it from a Hugging Face model): the logits are
+            (:func:`mmalign.models.logit_transform` reads it from a Hugging Face model): the logits are
             ``softcap * tanh(logit_scale * z / softcap)`` (Gemma-2's soft-capping; Cohere multiplies by a
             scale, Granite divides: scale = 1 / logits_scaling).
     Under ``torch.autocast`` the op does what autocast does for a linear layer: hidden, weight and bias are

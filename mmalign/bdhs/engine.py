@@ -27,11 +27,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..attention import compact_image_tokens, hf, sample_image_keep
-from ..lm_logits import logit_transform
+from ..attention import hf, sample_image_keep
+from ..models import EncodedPrompt, UnsupportedModel, adapter_for
 from . import text as T
 from .noise import add_noise
-from .vlm import decoder_and_head, image_token_id, merged_embeddings
 
 MODES = ("attn", "noise", "both", "none", "povid")
 
@@ -69,15 +68,9 @@ class BDHSConfig:
             raise ValueError(f"temperature > 0 and top_p in (0, 1]: got {self.temperature}, {self.top_p}")
 
 
-@dataclass
-class PairInput:
-    """One pair for the engine: ``prompt_ids`` (P,) is the full chat-formatted prompt with its image
-    tokens expanded; ``image_inputs`` the model's image kwargs for this one sample (batch of 1)."""
-
-    id: str
-    prompt_ids: torch.Tensor
-    chosen: str
-    image_inputs: dict = field(default_factory=dict)
+# One pair for the engine: ``prompt_ids`` (P,) is the full chat-formatted prompt with its image tokens expanded;
+# ``chosen`` the ground truth y+; ``image_inputs`` the processor's other outputs for this one sample (batch of 1).
+PairInput = EncodedPrompt
 
 
 @dataclass
@@ -108,7 +101,7 @@ class Try:
 class _Row:
     pair: int
     cache_len: int             # how many (compacted) prefill positions this row's context uses
-    next_pos: int              # original position id of the first token it feeds or generates
+    next_pos: int              # position of the first token it feeds or generates (every M-RoPE axis: text)
     forced: list               # tokens fed before generating (a swapped head)
     head_ids: list             # the tokens of the head (for decoding the completion's text)
     head: str
@@ -151,9 +144,12 @@ class BDHSEngine:
     def __init__(self, model, tokenizer, similarity, config: BDHSConfig | None = None):
         self.model, self.tokenizer, self.similarity = model.eval(), tokenizer, similarity
         self.config = config or BDHSConfig()
-        self.decoder, self.head = decoder_and_head(model)
-        self.logit_transform = logit_transform(model)
-        self.image_token = image_token_id(model)
+        self.adapter = adapter = adapter_for(model)
+        if adapter.family.bdhs is not None:
+            raise UnsupportedModel(f"BDHS: {adapter.family.bdhs}")
+        if self.config.mode in ("attn", "both") and self.config.scope == "all" and adapter.compaction_reason():
+            raise UnsupportedModel(f"BDHS: {adapter.compaction_reason()}")
+        self.image_token = adapter.image_token
         self.device = next(model.parameters()).device
         self.eos = set(_as_list(getattr(model.generation_config, "eos_token_id", None) or tokenizer.eos_token_id))
         self._period = None
@@ -217,6 +213,15 @@ class BDHSEngine:
             self.model.set_attn_implementation(before)
 
     # ------------------------------------------------------------------------------------ prefill
+    def _check_window(self, length: int, unguided: bool) -> None:
+        """The engine lays sequences out by their kept tokens (compaction, left-padded batches): a sliding window,
+        which counts columns, is exact only where the whole sequence and its continuation fit in it."""
+        longest = length + (self.config.max_response_tokens if unguided else self.config.max_new_tokens)
+        if not self.adapter.window_fits(longest):
+            raise UnsupportedModel(f"BDHS: model type {self.adapter.model_type!r} attends within a sliding window of "
+                                   f"{self.adapter.window()} tokens and this pair's prompt, response and "
+                                   f"continuation take up to {longest}: shorten them or lower max_new_tokens")
+
     def _ids(self, text: str) -> list:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
 
@@ -253,26 +258,33 @@ class BDHSEngine:
         return Try(rng, image_inputs, plan, ids, keep, len(prompt), response, spans)
 
     def _prefill(self, j: int, pair: PairInput, try_index: int, unguided: bool):
-        cfg = self.config
+        cfg, adapter = self.config, self.adapter
         d = self.draw(pair, try_index, unguided)
-        rng, image_inputs, plan, ids, keep, n_prompt = d.rng, d.image_inputs, d.plan, d.ids, d.keep, d.prompt_len
-        embeds = merged_embeddings(self.model, ids, image_inputs)
+        rng, plan, ids, keep, n_prompt = d.rng, d.plan, d.ids, d.keep, d.prompt_len
+        self._check_window(ids.shape[1], unguided)
+        call = adapter.capture(ids, adapter.extend_inputs(d.image_inputs, n_prompt, ids.shape[1]))
+        self._axes = call.positions.shape[0]
         if cfg.scope == "text":  # the full sequence; text queries lose the hidden image keys, image queries do not
+            if call.masks is not None or call.extras:
+                raise UnsupportedModel(f"BDHS scope='text': model type {adapter.model_type!r} gives its decoder "
+                                       "masks or inputs of its own, which the masked attention does not take; use "
+                                       "scope='all'")
             scope = ids != self.image_token if self.image_token is not None else torch.ones_like(keep)
             with hf.hidden_keys(keep, scope):
-                out = self.decoder(inputs_embeds=embeds, use_cache=True)
+                out = adapter.run(call, use_cache=True)
             kept_before = list(range(ids.shape[1] + 1))
-        else:
-            c = compact_image_tokens(embeds, keep)
-            out = self.decoder(inputs_embeds=c.inputs_embeds, position_ids=c.position_ids, use_cache=True)
+        else:  # exact compaction: the hidden image tokens removed, every other input kept as the model made it
+            out = adapter.run(call.select(torch.zeros(1, dtype=torch.long, device=ids.device),
+                                          keep[0].nonzero()[:, 0][None]), use_cache=True)
             kept_before = torch.nn.functional.pad(keep[0].long().cumsum(0), (1, 0)).tolist()
-        hidden, cache = out.last_hidden_state[0], out.past_key_values
+        positions = call.positions[:, 0].amax(0)  # (T,): a text token's position on every axis
+        hidden, cache = out.last_hidden_state[0], adapter.cache_of(out)
         rows = []
 
         def row(prefix: int, forced: list, head_ids: list, head: str, stop: bool, max_new: int):
             n = kept_before[prefix]
             g = torch.Generator().manual_seed(rng.getrandbits(63)) if cfg.do_sample else None
-            r = _Row(j, n, prefix, forced, head_ids, head, stop, max_new, g)
+            r = _Row(j, n, int(positions[prefix - 1]) + 1, forced, head_ids, head, stop, max_new, g)
             if cfg.scope == "text":
                 r.keep = keep[0, :prefix]
             if not forced:
@@ -292,8 +304,8 @@ class BDHSEngine:
 
     # ------------------------------------------------------------------------------------- decode
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """The model's next-token logits (float32): its LM head, then its family's transform (mmalign.lm_logits)."""
-        return self.logit_transform(self.head(hidden)).float()
+        """The model's next-token logits (float32): its LM head, then its family's transform (mmalign.models)."""
+        return self.adapter.logits(hidden).float()
 
     def _choose(self, logits: torch.Tensor, generator: torch.Generator | None) -> int:
         cfg = self.config
@@ -369,12 +381,11 @@ class BDHSEngine:
         device = mask.device
         while active:
             ids = torch.tensor(nxt, device=device)[:, None]
-            pos = torch.tensor([rows[i].next_pos + fed[i] for i in active], device=device)[:, None]
+            pos = torch.tensor([rows[i].next_pos + fed[i] for i in active], device=device)[None, :, None]
             mask = torch.cat([mask, torch.ones(len(active), 1, dtype=mask.dtype, device=device)], 1)
             with hf.hidden_keys(keep):
-                out = self.decoder(input_ids=ids, past_key_values=cache, attention_mask=mask, position_ids=pos,
-                                   use_cache=True)
-            cache = out.past_key_values
+                out = self.adapter.decode(ids, pos.expand(self._axes, -1, -1), mask, cache)
+            cache = self.adapter.cache_of(out)
             logits = self._logits(out.last_hidden_state[:, -1])
             keep_rows, nxt = [], []
             for a, i in enumerate(active):
@@ -414,7 +425,8 @@ class BDHSEngine:
         if not response:
             return ""
         ids = torch.tensor(prompt + response, dtype=torch.long, device=self.device)[None]
-        hidden = self.decoder(inputs_embeds=merged_embeddings(self.model, ids, image_inputs)).last_hidden_state[0]
+        call = self.adapter.capture(ids, self.adapter.extend_inputs(image_inputs, len(prompt), ids.shape[1]))
+        hidden = self.adapter.run(call).last_hidden_state[0]
         logits = self._logits(hidden[len(prompt) - 1:len(prompt) + len(response) - 1])
         generator = torch.Generator().manual_seed(rng.getrandbits(63)) if self.config.do_sample else None
         tokens = [self._choose(logits[t], generator) for t in range(len(response))]

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from .. import data, jobs
-from ..prompts import PromptEncoder, load_model
+from ..models import PromptEncoder, load_model
 from .engine import BDHSConfig, BDHSEngine, SentenceSimilarity
 
 

@@ -143,8 +143,13 @@ class LLMSplitter:
     def generate(self, texts: list[str]) -> list[str]:
         import torch
 
+        from ..models.prompts import chat_prompt
+
         prompts = [FEW_SHOT.format(text=" ".join(t.split())) for t in texts]
-        enc = self.tokenizer(prompts, return_tensors="pt", padding=True).to(self.model.device)
+        chat = [chat_prompt(self.tokenizer, p) for p in prompts]  # an instruct LM's turn (LLaMA-3-Instruct, as DAMO)
+        templated = chat[0] is not None
+        enc = self.tokenizer(chat if templated else prompts, return_tensors="pt", padding=True,
+                             add_special_tokens=not templated).to(self.model.device)  # a template holds its BOS
         with torch.no_grad():
             out = self.model.generate(**enc, do_sample=False, max_new_tokens=self.max_new_tokens,
                                       pad_token_id=self.tokenizer.pad_token_id)

@@ -9,7 +9,7 @@ the LM head projects only the positions whose next-token label is not -100, chun
 
 the same protocol as TRL's own fused head, so TRL trainers consume it as is.
 
-    undo = patch_sequence_logps(model)    # one table says where each model type keeps backbone and head
+    undo = patch_sequence_logps(model)    # any model mmalign.models takes apart (every family of FAMILIES)
     ...
     undo()                                # the original forward is back
 
@@ -27,7 +27,7 @@ from typing import Callable
 import torch
 
 from .. import functional as F
-from ..lm_logits import logit_transform
+from ..models import adapter_for
 
 
 @dataclass
@@ -38,28 +38,13 @@ class FusedLogpsOutput:
     loss: torch.Tensor | None = None  # mean negative log-likelihood of the labelled tokens (TRL reads it)
 
 
-def _backbone_head(model):
-    return model.model, model.lm_head
-
-
-# model type -> (backbone returning last_hidden_state, lm_head). The one place to add a model family.
-# The logits transform of a family (Gemma-2's soft-capping, Cohere's and Granite's scales) is read by
-# mmalign.lm_logits.logit_transform and applied inside the fused op.
-MODELS: dict[str, Callable] = {name: _backbone_head for name in (
-    "llama", "mistral", "mixtral", "qwen2", "qwen3", "qwen3_moe", "gemma", "gemma2", "gemma3_text", "phi3",
-    "olmo", "olmo2", "cohere", "cohere2", "granite", "granitemoe", "granitemoeshared",           # causal LMs
-    "llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "gemma3", "idefics3", "mllama",  # VLMs
-)}
-
-
 def patch_sequence_logps(model, *, ignore_index: int = -100) -> Callable[[], None]:
-    """Patch ``model`` (see the module docstring); returns the function that undoes it."""
-    kind = getattr(model.config, "model_type", None)
-    if kind not in MODELS:
-        raise ValueError(f"model type {kind!r} is not in mmalign.integrations.hf.MODELS "
-                         f"({sorted(MODELS)}): add how to reach its backbone and LM head there")
-    backbone, head = MODELS[kind](model)
-    transform = logit_transform(model).kwargs()
+    """Patch ``model`` (see the module docstring); returns the function that undoes it. Any model whose decoder
+    and LM head :mod:`mmalign.models` finds: the fused path runs the model's own forward up to its decoder (its
+    positions, masks, image features as it computes them), then its LM head and logit transform in the fused op.
+    A family whose logit transform is unknown raises ValueError."""
+    adapter = adapter_for(model)
+    head, transform = adapter.head, adapter.transform.kwargs()
     had_own = "forward" in vars(model)
     original = model.forward
 
@@ -69,10 +54,9 @@ def patch_sequence_logps(model, *, ignore_index: int = -100) -> Callable[[], Non
             return original(*args, labels=labels, **kwargs) if labels is not None else original(*args, **kwargs)
         if labels is None:
             raise ValueError("labels: fused_lm_head=True needs the labels whose log-probs to compute")
-        kwargs.pop("use_cache", None)
-        kwargs.pop("num_items_in_batch", None)
-        kwargs.pop("logits_to_keep", None)
-        hidden = backbone(*args, use_cache=False, **kwargs).last_hidden_state
+        for name in ("use_cache", "num_items_in_batch", "logits_to_keep"):
+            kwargs.pop(name, None)
+        hidden = adapter.final_hidden(original, *args, use_cache=False, **kwargs)
         out = F.fused_linear_sequence_logps(hidden[:, :-1], head.weight, labels[:, 1:], bias=head.bias,
                                             ignore_index=ignore_index, return_token_logps=True, **transform)
         count = (labels[:, 1:] != ignore_index).sum().clamp_min(1)

@@ -9,7 +9,7 @@ place), and accumulates grad_hidden, grad_weight and grad_bias: 4 matmuls of (M 
 instead of 3, memory O(chunk x V) instead of O(B x T x V).
 
 Model families whose forward transforms the head's output (Gemma-2's final logit soft-capping, Cohere's
-logit scale, Granite's logit divisor: mmalign/lm_logits.py) pass ``scale`` and ``softcap``: the logits are
+logit scale, Granite's logit divisor: mmalign/models/logits.py) pass ``scale`` and ``softcap``: the logits are
 z = softcap * tanh(scale * (hidden @ weight.T + bias) / softcap), applied to each chunk in place, and the
 backward multiplies the chunk's gradient by scale * (1 - tanh^2).
 """

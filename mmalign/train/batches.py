@@ -16,9 +16,7 @@ import torch
 
 from .. import data
 from .. import functional as F
-from ..bdhs.vlm import decoder_and_head, image_token_id, merged_embeddings
-from ..lm_logits import logit_transform
-from ..prompts import PromptEncoder
+from ..models import DecoderCall, ModelAdapter, PromptEncoder, adapter_for
 
 IGNORE = -100
 
@@ -82,89 +80,93 @@ def to_device(t: torch.Tensor, device) -> torch.Tensor:
     return t.pin_memory().to(device, non_blocking=True)
 
 
-def _batched_image_inputs(examples: list[PairExample]) -> dict | None:
-    """The pairs' image inputs concatenated along dim 0 (one vision-tower call for the batch), or None where
-    they do not stack (different keys, a non-tensor value, different trailing shapes: e.g. AnyRes tile
-    counts that differ)."""
-    first = examples[0].image_inputs
-    if not first or any(set(ex.image_inputs) != set(first) for ex in examples):
+def _stacked(inputs: list[dict]) -> dict | None:
+    """Per-pair image inputs concatenated along dim 0 (one vision-tower call for the batch), or None where they do
+    not stack (different keys, a non-tensor value, different trailing shapes: e.g. AnyRes tile counts that
+    differ)."""
+    first = inputs[0]
+    if not first or any(set(x) != set(first) for x in inputs):
         return None
     out = {}
     for key, v in first.items():
-        values = [ex.image_inputs[key] for ex in examples]
+        values = [x[key] for x in inputs]
         if not all(isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[1:] == v.shape[1:] for x in values):
             return None
         out[key] = torch.cat(values)
     return out
 
 
-def _pair_rows(model, examples: list[PairExample], device) -> torch.Tensor:
-    """(N, L, H): for each pair, the embeddings of [prompt | chosen | rejected] (right-padded), image features
-    in place of the image tokens. One model call for the batch (vision tower, projector, one embedding call),
-    or one per pair where the image inputs do not stack."""
-    image = image_token_id(model)
-    pad = 1 if image == 0 else 0  # any id but the image token's: padding must not count as image positions
-    rows = [ex.prompt_ids.tolist() + list(ex.chosen_ids) + list(ex.rejected_ids) for ex in examples]
+def capture_rows(adapter: ModelAdapter, rows: list[list[int]], inputs: list[dict], prompt_lens: list[int],
+                 device) -> DecoderCall:
+    """The model's own forward, up to its decoder, on ``rows`` of token ids (right-padded): one call for the batch
+    (the vision tower sees each image once), or one per row where the image inputs do not stack."""
     width = max(len(r) for r in rows)
-    ids = to_device(torch.tensor([r + [pad] * (width - len(r)) for r in rows]), device)
-    if not any(ex.image_inputs for ex in examples):
-        return merged_embeddings(model, ids)
-    batched = _batched_image_inputs(examples)
+    pad = adapter.pad_id()
+    host = torch.tensor([r + [pad] * (width - len(r)) for r in rows] +
+                        [[1] * len(r) + [0] * (width - len(r)) for r in rows])
+    ids, valid = to_device(host, device).split(len(rows))
+    valid = valid.bool()
+    inputs = [adapter.extend_inputs(x, p, width) for x, p in zip(inputs, prompt_lens)]
+    if not any(inputs):
+        return adapter.capture(ids, None, valid)
+    batched = _stacked(inputs)
     if batched is not None:
-        return merged_embeddings(model, ids, batched)
-    return torch.cat([merged_embeddings(model, ids[i:i + 1], ex.image_inputs) for i, ex in enumerate(examples)])
+        return adapter.capture(ids, batched, valid)
+    return DecoderCall.cat([adapter.capture(ids[i:i + 1], x, valid[i:i + 1]) for i, x in enumerate(inputs)])
+
+
+def _pair_rows(adapter: ModelAdapter, examples: list[PairExample], device) -> DecoderCall:
+    """For each pair, the decoder inputs of [prompt | chosen | rejected] (right-padded), the rejected response's
+    positions resuming where the prompt ends (text advances every RoPE axis by one)."""
+    rows = [ex.prompt_ids.tolist() + list(ex.chosen_ids) + list(ex.rejected_ids) for ex in examples]
+    call = capture_rows(adapter, rows, [ex.image_inputs for ex in examples],
+                        [len(ex.prompt_ids) for ex in examples], device)
+    lengths = to_device(torch.tensor([[len(ex.prompt_ids) + len(ex.chosen_ids), len(ex.chosen_ids)]
+                                      for ex in examples]), device)
+    return call.resume(lengths[:, 0], lengths[:, 1])
 
 
 def _pair_of_sequence(n: int, device) -> torch.Tensor:
-    """(2n, 1): the pair of each of the 2n sequences chosen_0, rejected_0, chosen_1, ..."""
-    return torch.arange(n, device=device).repeat_interleave(2)[:, None]
+    """(2n,): the pair of each of the 2n sequences chosen_0, rejected_0, chosen_1, ..."""
+    return torch.arange(n, device=device).repeat_interleave(2)
 
 
-def _sequences(model, examples: list[PairExample]):
-    """(inputs_embeds (2N, T, H), attention_mask (2N, T), labels (2N, T)): chosen_i at 2i, rejected_i at 2i+1.
-
-    Batched, so the launches do not grow with N: one model call embeds [prompt | chosen | rejected] of every
-    pair (each image through the vision tower once; per pair where the image inputs do not stack), then one
-    gather lays out the 2N sequences [prompt | chosen] and [prompt | rejected]. Padding embeddings are zeros."""
-    decoder, _ = decoder_and_head(model)
-    device = decoder.get_input_embeddings().weight.device
-    rows = _pair_rows(model, examples, device)
-    lengths, columns, labels = [], [], []
+def _two_sequences(adapter: ModelAdapter, examples: list[PairExample], device):
+    """(decoder inputs of the 2N sequences [prompt | chosen], [prompt | rejected], labels (2N, T)): chosen_i at 2i,
+    rejected_i at 2i+1, cut from the pairs' rows (each image through the vision tower once). Where the family's
+    own masks count a sliding window in columns and a row exceeds the window, the 2N sequences are captured
+    themselves instead (the image then runs twice)."""
+    columns, labels, seqs = [], [], []
     for ex in examples:
         p, c = len(ex.prompt_ids), len(ex.chosen_ids)
         for start, resp in ((p, ex.chosen_ids), (p + c, ex.rejected_ids)):  # the response's columns in the row
-            lengths.append(p + len(resp))
             columns.append(list(range(p)) + list(range(start, start + len(resp))))
             labels.append([IGNORE] * p + list(resp))
-    width = max(lengths)
-    host = torch.tensor([[c + [0] * (width - len(c)) for c in columns], [t + [IGNORE] * (width - len(t)) for t in labels],
-                         [[1] * n + [0] * (width - n) for n in lengths]])
-    columns, labels, valid = to_device(host, device).unbind(0)  # one copy to the device
-    valid = valid.bool()
-    embeds = rows[_pair_of_sequence(len(examples), device), columns].masked_fill(~valid[..., None], 0)
-    return embeds, valid.long(), labels
+            seqs.append(ex.prompt_ids.tolist() + list(resp))
+    width = max(len(c) for c in columns)
+    host = torch.tensor([[c + [-1] * (width - len(c)) for c in columns],
+                         [t + [IGNORE] * (width - len(t)) for t in labels]])
+    columns, labels = to_device(host, device).unbind(0)  # one copy to the device
+    rows = _pair_rows(adapter, examples, device)
+    if rows.masks is not None and not adapter.window_fits(rows.shape[1]):
+        twice = [x for ex in examples for x in (ex.image_inputs, ex.image_inputs)]
+        lens = [len(ex.prompt_ids) for ex in examples for _ in (0, 1)]
+        return capture_rows(adapter, seqs, twice, lens, device), labels
+    return rows.select(_pair_of_sequence(len(examples), device), columns), labels
 
 
-# decoders whose positions are plain 1D RoPE ids and whose every layer attends causally to the whole sequence:
-# the ones a custom 4D mask with explicit position ids describes exactly
-SHARED_PROMPT_DECODERS = ("llama", "mistral", "qwen2", "qwen3", "olmo", "olmo2")
+def shares_prompt(model, width: int | None = None) -> bool:
+    """Whether :func:`pair_logps` can run chosen and rejected of a pair as one sequence that shares the prompt: a
+    family in the table whose decoder is attention only and takes a 4D mask (sdpa or eager), rows of ``width``
+    within its sliding window."""
+    adapter = adapter_for(model)
+    return adapter.shared_prompt_reason() is None and (width is None or adapter.window_fits(width))
 
 
-def shares_prompt(model) -> bool:
-    """Whether :func:`pair_logps` can run chosen and rejected of a pair as one sequence that shares the prompt:
-    a decoder in SHARED_PROMPT_DECODERS, no sliding window, eager or SDPA attention (a 4D mask)."""
-    decoder, _ = decoder_and_head(model)
-    cfg = decoder.config
-    return (cfg.model_type in SHARED_PROMPT_DECODERS and not getattr(cfg, "sliding_window", None)
-            and getattr(cfg, "_attn_implementation", None) in ("sdpa", "eager"))
-
-
-def _shared_layout(examples: list[PairExample], dtype, device):
-    """For rows [prompt | chosen | rejected] (right-padded to W): the additive 4D mask (N, 1, W, W) in ``dtype``
-    (causal, rejected blind to chosen, padding rows see themselves only), position ids (N, W) (rejected resumes
-    where the prompt ends), and for the 2N sequences chosen_0, rejected_0, ... the row positions whose hidden
-    states predict each response token, with those tokens as labels (2N, L), padded with IGNORE. Mask and
-    positions are built on the device from the segment lengths; only those and the (2N, L) labels are copied."""
+def _shared_targets(examples: list[PairExample], device):
+    """For rows [prompt | chosen | rejected] (right-padded to W): the (N, W, W) mask that keeps the rejected response
+    blind to the chosen one, and for the 2N sequences chosen_0, rejected_0, ... the row positions whose hidden
+    states predict each response token, with those tokens as labels (2N, L), padded with IGNORE."""
     rows = [(len(ex.prompt_ids), len(ex.chosen_ids), len(ex.rejected_ids)) for ex in examples]
     width = max(p + c + r for p, c, r in rows)
     L = max(max(c, r) for _, c, r in rows)
@@ -178,24 +180,20 @@ def _shared_layout(examples: list[PairExample], dtype, device):
         labels[2 * i + 1, :r] = torch.tensor(ex.rejected_ids, dtype=torch.long)
     host = torch.cat([torch.tensor(rows, dtype=torch.long), at.reshape(len(rows), -1), labels.reshape(len(rows), -1)], 1)
     lengths, at, labels = to_device(host, device).split([3, 2 * L, 2 * L], 1)  # one copy to the device
-    p, pc, n = (lengths[:, :1, None], (lengths[:, 0] + lengths[:, 1])[:, None, None], lengths.sum(1)[:, None, None])
+    p, pc = lengths[:, :1, None], (lengths[:, 0] + lengths[:, 1])[:, None, None]
     q = torch.arange(width, device=device)[None, :, None]  # query rows
     k = torch.arange(width, device=device)[None, None, :]  # key columns
-    allowed = (k <= q) & (q < n) & ~((q >= pc) & (k >= p) & (k < pc))  # causal, rejected blind to chosen
-    allowed |= (q == k) & (q >= n)  # padding rows see themselves (no empty softmax)
-    positions = torch.where(q[..., 0] < pc[..., 0], q[..., 0], q[..., 0] - (pc[..., 0] - p[..., 0]))
-    mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, torch.finfo(dtype).min)
-    return mask[:, None], positions.masked_fill(q[..., 0] >= n[..., 0], 0), at.reshape(-1, L), labels.reshape(-1, L)
+    blind = ~((q >= pc) & (k >= p) & (k < pc))  # rejected does not see chosen
+    return blind, at.reshape(-1, L), labels.reshape(-1, L)
 
 
-def _shared_hidden(model, examples: list[PairExample]):
+def _shared_hidden(adapter: ModelAdapter, examples: list[PairExample], device):
     """(hidden (2N, L, H), labels (2N, L)): the decoder runs once per pair over [prompt | chosen | rejected]."""
-    decoder, _ = decoder_and_head(model)
-    device = decoder.get_input_embeddings().weight.device
-    rows = _pair_rows(model, examples, device)
-    mask, positions, at, labels = _shared_layout(examples, rows.dtype, device)
-    hidden = decoder(inputs_embeds=rows, attention_mask=mask, position_ids=positions).last_hidden_state
-    return hidden[_pair_of_sequence(len(examples), device), at], labels
+    rows = _pair_rows(adapter, examples, device)
+    blind, at, labels = _shared_targets(examples, device)
+    rows = rows.restrict(blind, dtype=rows.embeds.dtype, additive=adapter.attention == "eager")
+    hidden = adapter.run(rows).last_hidden_state
+    return hidden[_pair_of_sequence(len(examples), device)[:, None], at], labels
 
 
 def pair_logps(model, examples: list[PairExample], *, zero3: bool = False, share_prompt: bool | None = None):
@@ -204,15 +202,19 @@ def pair_logps(model, examples: list[PairExample], *, zero3: bool = False, share
     ``share_prompt`` (default: :func:`shares_prompt`): chosen and rejected of a pair go through the decoder as
     one sequence [prompt | chosen | rejected] in which rejected does not see chosen and resumes the prompt's
     positions, so the prompt (the image tokens: most of a VLM's sequence) is computed once per pair, not
-    twice; the same log-probs as two sequences. Else the 2N sequences [prompt | chosen], [prompt | rejected]."""
-    decoder, head = decoder_and_head(model)
-    transform = logit_transform(model)  # Gemma-2's soft-capping and the like (mmalign.lm_logits)
-    if share_prompt if share_prompt is not None else shares_prompt(model):
-        hidden, labels = _shared_hidden(model, examples)
+    twice; the same log-probs as two sequences. Else the 2N sequences [prompt | chosen], [prompt | rejected].
+    Every family runs through :mod:`mmalign.models`: its positions, masks and extra decoder inputs as its own
+    forward computes them, its logit transform."""
+    adapter = adapter_for(model)
+    device = _device(adapter)
+    width = max(len(ex.prompt_ids) + len(ex.chosen_ids) + len(ex.rejected_ids) for ex in examples)
+    if share_prompt if share_prompt is not None else shares_prompt(model, width):
+        hidden, labels = _shared_hidden(adapter, examples, device)
     else:
-        embeds, mask, labels = _sequences(model, examples)
-        hidden = decoder(inputs_embeds=embeds, attention_mask=mask).last_hidden_state[:, :-1]
+        call, labels = _two_sequences(adapter, examples, device)
+        hidden = adapter.run(call).last_hidden_state[:, :-1]
         labels = labels[:, 1:]
+    head, transform = adapter.head, adapter.transform  # Gemma-2's soft-capping and the like
     if not zero3:
         logps = F.fused_linear_sequence_logps(hidden, head.weight, labels, bias=head.bias, **transform.kwargs())
     else:
@@ -222,3 +224,7 @@ def pair_logps(model, examples: list[PairExample], *, zero3: bool = False, share
         logps = torch.zeros(labels.shape[0], dtype=tok.dtype, device=tok.device).index_add(
             0, rows // labels.shape[1], tok)
     return logps[0::2], logps[1::2]
+
+
+def _device(adapter: ModelAdapter) -> torch.device:
+    return adapter.decoder.get_input_embeddings().weight.device

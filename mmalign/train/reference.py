@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from .. import data, jobs
-from ..prompts import PromptEncoder, load_model
+from ..models import PromptEncoder, load_model
 from .batches import encode_pair, pair_logps
 from .trainer import TrainConfig, autocast_dtype, cast_like_training, deepspeed_config, forward_precision, \
     train_device, training_dtype

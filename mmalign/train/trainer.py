@@ -32,7 +32,7 @@ import torch
 from .. import data, jobs
 from ..nn import DAMOLoss
 from ..ops.damo_step import DAMOConfig
-from ..prompts import PromptEncoder, load_model
+from ..models import PromptEncoder, load_model
 from .batches import PairExample, encode_pair, pair_logps, to_device, with_responses
 
 # the per-micro-step metrics (Trainer.micro_step), in the order they are read back from the device

@@ -203,7 +203,7 @@ def test_complete_rows_records_no_autograd_history(setup):
     tok, model, masked, pairs = setup
     engine = BDHSEngine(model, tok, _sim(0.0), BDHSConfig(mode="attn", max_new_tokens=3))
     seen = []
-    handle = engine.decoder.register_forward_hook(lambda *_: seen.append(torch.is_grad_enabled()))
+    handle = engine.adapter.decoder.register_forward_hook(lambda *_: seen.append(torch.is_grad_enabled()))
     try:
         with torch.enable_grad():
             engine.complete_rows(pairs[:1], 1)
@@ -216,7 +216,7 @@ def test_complete_rows_records_no_autograd_history(setup):
                                             ("cohere", dict(logit_scale=0.3))])
 def test_next_token_logits_are_the_models_own(setup, kind, transform):
     """The engine samples from the model's logits, including its family's transform of the LM head's output
-    (Gemma-2's soft-capping, Cohere's scale: mmalign.lm_logits), not from the head's raw output."""
+    (Gemma-2's soft-capping, Cohere's scale: mmalign.models.logits), not from the head's raw output."""
     tok = setup[0]
     model = M.causal_lm(kind, len(tok), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
                         **transform).eval()
@@ -224,21 +224,8 @@ def test_next_token_logits_are_the_models_own(setup, kind, transform):
     ids = torch.tensor(tok("USER : Describe the image . ASSISTANT :")["input_ids"])[None]
     with torch.no_grad():
         own = model(input_ids=ids).logits[0].float()
-        raw = engine.head(engine.decoder(input_ids=ids).last_hidden_state[0]).float()
-        ours = engine._logits(engine.decoder(input_ids=ids).last_hidden_state[0])
+        hidden = engine.adapter.decoder(input_ids=ids).last_hidden_state[0]
+        raw = engine.adapter.head(hidden).float()
+        ours = engine._logits(hidden)
     assert (raw - own).abs().max() > 0.1  # the transform matters here
     torch.testing.assert_close(ours, own)
-
-
-@pytest.mark.parametrize("build,name", [(M.qwen2_vl, "position_ids"), (M.gemma3, "attention_mask")],
-                         ids=["qwen2_vl", "gemma3"])
-def test_vlms_whose_decoder_needs_more_than_embeddings_are_refused(build, name):
-    """Qwen2-VL hands its decoder multimodal RoPE positions, Gemma-3 a bidirectional image mask: the trainer and
-    the engine, which run the decoder on the merged embeddings with their own positions and masks, refuse them
-    with an error naming that input instead of computing log-probs or tokens without it."""
-    from mmalign.bdhs.vlm import merged_embeddings
-
-    torch.manual_seed(0)
-    model, ids, inputs = build()
-    with pytest.raises(ValueError, match=f"passes {name} .* to its decoder besides the merged embeddings"):
-        merged_embeddings(model, ids, inputs)

@@ -81,3 +81,26 @@ def test_llm_splitter_checks_arguments():
     with pytest.raises(ValueError, match="batch_size"):
         LLMSplitter(torch.nn.Linear(1, 1), None, batch_size=0)
     assert RulesSplitter().split_many(["Cats sit. Dogs run."])[0].pieces == ["Cats sit.", "Dogs run."]
+
+
+def test_llm_splitter_asks_an_instruct_model_through_its_chat_template():
+    """An LLM with a chat template (LLaMA-3-Instruct, as DAMO prompts) gets the few-shot prompt as the user's turn of
+    that template, ready for the assistant's answer; a base LM gets it raw."""
+    from mmalign.hardness.split import FEW_SHOT
+
+    tok = word_tokenizer([FEW_SHOT, "a red circle the dog is brown - . USER ASSISTANT :"], bos="<s>")
+    seen = []
+
+    class Model(torch.nn.Module):
+        device = torch.device("cpu")
+
+        def generate(self, input_ids, **kw):
+            seen.append(tok.decode(input_ids[0]))
+            return torch.cat([input_ids, input_ids[:, :1]], 1)
+
+    LLMSplitter(Model(), tok).split_many(["A red circle"])
+    tok.chat_template = "{% for m in messages %}USER : {{ m['content'] }}{% endfor %} ASSISTANT :"
+    LLMSplitter(Model(), tok).split_many(["A red circle"])
+    raw, chat = seen
+    assert raw.startswith("Rewrite the text") and "USER" not in raw  # the few-shot prompt as is
+    assert chat.startswith("USER :") and chat.endswith("ASSISTANT :") and "Text : A red circle" in chat

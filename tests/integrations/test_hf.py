@@ -1,10 +1,12 @@
 """patch_sequence_logps: fused log-probs equal the eager ones (and their gradients) on a tiny Llama and a
-tiny LLaVA; generation is unchanged; undo restores the original forward; unknown model types are refused."""
+tiny LLaVA, and every causal LM family of mmalign.models.FAMILIES; generation is unchanged; undo restores the
+original forward; a model type outside the table runs through the generic path. (Every VLM family: tests/models.)"""
 import pytest
 import torch
 
 from mmalign import synthetic
-from mmalign.integrations.hf import MODELS, patch_sequence_logps
+from mmalign.integrations.hf import patch_sequence_logps
+from mmalign.models import FAMILIES, UnsupportedModel
 
 
 def _llama(tok):
@@ -53,7 +55,7 @@ def test_fused_log_probs_equal_eager(rng, kind):
     assert model(input_ids=ids, labels=labels, **kw).logits is not None  # the stock forward again
 
 
-VLMS = {"llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "gemma3", "idefics3", "mllama"}
+CAUSAL = sorted(name for name, family in FAMILIES.items() if family.kind == "causal")
 MOE = {"mixtral", "qwen3_moe", "granitemoe", "granitemoeshared"}  # routed experts: float32 matmuls only
 LOGIT_TRANSFORMS = {"gemma2": dict(final_logit_softcapping=0.5), "gemma3_text": dict(final_logit_softcapping=0.5),
                     "cohere": dict(logit_scale=0.3), "cohere2": dict(logit_scale=0.3),
@@ -61,7 +63,7 @@ LOGIT_TRANSFORMS = {"gemma2": dict(final_logit_softcapping=0.5), "gemma3_text": 
                     "granitemoeshared": dict(logits_scaling=4.0)}
 
 
-@pytest.mark.parametrize("kind", sorted(set(MODELS) - VLMS))
+@pytest.mark.parametrize("kind", CAUSAL)
 def test_every_causal_lm_family_gives_its_own_log_probs(rng, kind):
     """Each causal LM of the table, tiny and random: the fused log-probs equal log_softmax of the model's own
     logits, including the families that transform them (Gemma-2/3 soft-capping, Cohere's scale, Granite's
@@ -86,27 +88,9 @@ def test_every_causal_lm_family_gives_its_own_log_probs(rng, kind):
     undo()
 
 
-@pytest.mark.parametrize("kind", ["qwen2_vl", "gemma3"])
-def test_vlms_with_their_own_positions_and_masks(rng, kind):
-    """The patch runs the model's own multimodal backbone: Qwen2-VL's multimodal RoPE positions and Gemma-3's
-    bidirectional image attention are the model's, and the log-probs equal its own logits' (float64)."""
-    from ..bdhs import _models as M
-
-    torch.manual_seed(0)
-    model, ids, inputs = getattr(M, kind)()
-    labels = ids.clone()
-    labels[:, :3] = -100
-    with torch.no_grad():
-        ref = _eager(model, ids, labels, **inputs)
-        undo = patch_sequence_logps(model)
-        out = model(input_ids=ids, labels=labels, fused_lm_head=True, **inputs)
-    torch.testing.assert_close(out.log_probs, ref, rtol=1e-10, atol=1e-10)
-    undo()
-
-
 def test_an_unknown_logit_transform_is_refused():
-    """A family outside mmalign.lm_logits.TRANSFORMS whose config announces a transform of its logits."""
-    from mmalign.lm_logits import logit_transform
+    """A family whose entry names no logit transform, but whose config announces one."""
+    from mmalign.models import logit_transform
 
     tok = synthetic.word_tokenizer()
     model = _llama(tok)
@@ -128,7 +112,21 @@ def test_generation_is_unchanged_and_errors():
     with pytest.raises(ValueError, match="labels"):
         model(input_ids=ids, fused_lm_head=True)
     undo()
+    assert "llava_next" in FAMILIES
+
+
+def test_a_model_type_outside_the_table_runs_through_the_generic_path(rng):
+    """A family mmalign.models does not know, whose decoder takes the embeddings alone: the patch computes its log-probs
+    (the model's own forward up to its decoder, then the fused head); one without an LM head is refused."""
+    tok = synthetic.word_tokenizer()
+    model = _llama(tok)
     model.config.model_type = "not-a-model"
-    with pytest.raises(ValueError, match="not in mmalign.integrations.hf.MODELS"):
-        patch_sequence_logps(model)
-    assert "llava_next" in MODELS
+    ids = torch.randint(4, len(tok) - 1, (2, 9), generator=rng)
+    labels = ids.clone()
+    labels[:, :3] = -100
+    ref = _eager(model, ids, labels)
+    undo = patch_sequence_logps(model)
+    torch.testing.assert_close(model(input_ids=ids, labels=labels, fused_lm_head=True).log_probs, ref)
+    undo()
+    with pytest.raises(UnsupportedModel, match="cannot find its decoder and lm_head"):
+        patch_sequence_logps(model.model)

@@ -12,7 +12,7 @@ import torch
 pytest.importorskip("deepspeed")
 
 from mmalign.cli import main  # noqa: E402
-from mmalign.prompts import PromptEncoder, load_model  # noqa: E402
+from mmalign.models import PromptEncoder, load_model  # noqa: E402
 from mmalign.train import Trainer, TrainConfig, enable_checkpointing, encode_pair, pair_logps  # noqa: E402
 from mmalign.train.trainer import _init_distributed, train_device  # noqa: E402
 from mmalign import data, jobs  # noqa: E402
@@ -94,8 +94,9 @@ def test_pair_logps_equal_eager_and_encode_each_image_once(setup, zero3, share_p
 
 @pytest.mark.parametrize("kind,transform", [("gemma2", dict(final_logit_softcapping=0.5)),
                                             ("cohere", dict(logit_scale=0.3)), ("granite", dict(logits_scaling=4.0))])
+@pytest.mark.parametrize("share_prompt", [False, True], ids=["2N-sequences", "shared-prompt"])
 @pytest.mark.parametrize("zero3", [False, True])
-def test_pair_logps_apply_the_familys_logit_transform(rng, kind, transform, zero3):
+def test_pair_logps_apply_the_familys_logit_transform(rng, kind, transform, share_prompt, zero3):
     """Families whose forward transforms the LM head's output (Gemma-2 soft-caps it, Cohere and Granite scale
     it; set far from neutral): the log-probs and gradients are those of the model's own logits (float64)."""
     from mmalign.train.batches import PairExample
@@ -103,18 +104,19 @@ def test_pair_logps_apply_the_familys_logit_transform(rng, kind, transform, zero
     model = M.causal_lm(kind, 50, pad_token_id=0, bos_token_id=1, eos_token_id=2, **transform)
     ids = lambda n: torch.randint(3, 50, (n,), generator=rng).tolist()  # noqa: E731
     examples = [PairExample(i, str(i), torch.tensor(ids(4 + i)), {}, ids(3 + i), ids(5 - i)) for i in range(3)]
-    pc, pr = pair_logps(model, examples, zero3=zero3)
+    pc, pr = pair_logps(model, examples, zero3=zero3, share_prompt=share_prompt)
     (pc.sum() + 2 * pr.sum()).backward()
     ours = model.lm_head.weight.grad.clone()
     model.zero_grad()
     ec, er = _eager_logps(model, examples)
     (ec.sum() + 2 * er.sum()).backward()
     # Gemma's RMSNorm computes in float32 even in a float64 model: batched (padded) and one-by-one sequences
-    # then agree to float32 rounding only
-    tol = dict(rtol=1e-6, atol=1e-6) if kind == "gemma2" else dict(rtol=1e-9, atol=1e-10)
-    torch.testing.assert_close(pc, ec, **tol)
-    torch.testing.assert_close(pr, er, **tol)
-    torch.testing.assert_close(ours, model.lm_head.weight.grad, **tol)
+    # then agree to float32 rounding only; so do the gradients of every family (their norms compute in float32
+    # too) with the prompt shared, whose gradient from both responses is summed before that cast
+    tight, fp32 = dict(rtol=1e-9, atol=1e-10), dict(rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(pc, ec, **(fp32 if kind == "gemma2" else tight))
+    torch.testing.assert_close(pr, er, **(fp32 if kind == "gemma2" else tight))
+    torch.testing.assert_close(ours, model.lm_head.weight.grad, **(fp32 if kind == "gemma2" or share_prompt else tight))
 
 
 @pytest.mark.parametrize("share_prompt", [False, True], ids=["2N-sequences", "shared-prompt"])
@@ -582,14 +584,18 @@ def test_shared_prompt_layout():
     """One row per pair [prompt | chosen | rejected]: causal, rejected blind to chosen, rejected's positions resume
     after the prompt, each response token predicted by the row before it (the first by the prompt's last row),
     padding rows see only themselves; an empty response takes no row."""
-    from mmalign.train.batches import PairExample, _shared_layout
+    from mmalign.models import DecoderCall
+    from mmalign.train.batches import PairExample, _shared_targets
 
     ex = [PairExample(0, "a", torch.tensor([5, 6, 7]), {}, [8, 9], [], None),
           PairExample(1, "b", torch.tensor([5]), {}, [3], [4, 6], None)]
-    mask, positions, at, labels = _shared_layout(ex, torch.float32, "cpu")
-    seen = (mask[:, 0] == 0).int()
+    blind, at, labels = _shared_targets(ex, "cpu")
+    valid = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]]).bool()
+    call = DecoderCall(torch.zeros(2, 5, 1), torch.arange(5).expand(1, 2, 5), valid)
+    call = call.resume(torch.tensor([5, 2]), torch.tensor([2, 1])).restrict(blind, dtype=torch.float32, additive=True)
+    seen = (call.masks[:, 0] == 0).int()
     assert seen[0].tolist() == torch.ones(5, 5, dtype=torch.int).tril().tolist()
     assert seen[1].tolist() == [[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 0, 1, 0, 0], [1, 0, 1, 1, 0], [0, 0, 0, 0, 1]]
-    assert positions.tolist() == [[0, 1, 2, 3, 4], [0, 1, 1, 2, 0]]
+    assert call.positions[0].masked_fill(~valid, -1).tolist() == [[0, 1, 2, 3, 4], [0, 1, 1, 2, -1]]
     assert at.tolist() == [[2, 3], [0, 0], [0, 0], [0, 2]]
     assert labels.tolist() == [[8, 9], [-100, -100], [3, -100], [4, 6]]
