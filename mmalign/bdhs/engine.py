@@ -165,7 +165,7 @@ class BDHSEngine:
             unguided = cfg.tries > 1 and t == cfg.tries and cfg.mode != "povid"
             batch = [pairs[i] for i in pending]
             texts = self.complete(batch, t, unguided)
-            sims = self.similarity(texts, [p.chosen for p in batch])
+            sims = self._similarities(texts, [p.chosen for p in batch])
             still = []
             for i, text, sim in zip(pending, texts, sims.tolist()):
                 ok = sim < cfg.similarity_threshold
@@ -175,6 +175,15 @@ class BDHSEngine:
                     still.append(i)
             pending = still
         return results
+
+    def _similarities(self, texts: list[str], chosen: list[str]) -> torch.Tensor:
+        """cos(emb(ỹ-), emb(y+)) per pair; an empty candidate (the model ended at once) counts as 1.0, a copy: it is
+        never accepted on a guided try, and a sentence model is never asked to embed nothing."""
+        sims = torch.ones(len(texts))
+        some = [i for i, text in enumerate(texts) if text.strip()]
+        if some:
+            sims[some] = self.similarity([texts[i] for i in some], [chosen[i] for i in some]).float().cpu()
+        return sims
 
     @torch.no_grad()
     def complete(self, pairs: list[PairInput], try_index: int, unguided: bool = False) -> list[str]:

@@ -97,6 +97,10 @@ def _process(batch, engine: BDHSEngine, encode: PromptEncoder, cfg: BDHSJobConfi
     results, recs, pairs = jobs.prepare(batch, pair_input)
     jobs.stop_if_strict(results, cfg.strict)
     for rec, res in zip(recs, engine.generate(pairs) if pairs else []):
+        if not res.rejected.strip():
+            results.append(jobs.failure(rec.index, rec.line, rec.id, f"BDHS generated no text in {res.tries} tries "
+                                        "(the model ended every response at once)"))
+            continue
         results.append({"index": rec.index, "status": "ok", "id": rec.id, "rejected": res.rejected,
                         "bdhs_try": res.tries, "bdhs_similarity": res.similarity, "bdhs_accepted": res.accepted,
                         "bdhs_guided": res.guided})

@@ -229,3 +229,23 @@ def test_next_token_logits_are_the_models_own(setup, kind, transform):
         ours = engine._logits(hidden)
     assert (raw - own).abs().max() > 0.1  # the transform matters here
     torch.testing.assert_close(ours, own)
+
+
+def test_an_empty_candidate_is_never_embedded_nor_accepted_when_guided(setup):
+    """A model that ends every response at once: the unguided last try is empty; the sentence model is never asked
+    to embed an empty text (a BERT-style model crashes on zero tokens), and the guided tries are not accepted."""
+    tok, model, _, pairs = setup
+    engine = BDHSEngine(model, tok, None, BDHSConfig(mode="attn", tries=2, max_new_tokens=3, max_response_tokens=3))
+    asked = []
+
+    def similarity(a, b):
+        asked.extend(a)
+        return torch.full((len(a),), 0.99)  # guided candidates: too similar, so the unguided try runs
+
+    engine.similarity = similarity
+    eos = torch.full((len(tok),), -1e9)
+    eos[tok.eos_token_id] = 0.0
+    engine._logits = lambda hidden: eos.expand(*hidden.shape[:-1], -1)
+    results = engine.generate(pairs[:2])
+    assert asked and all(text.strip() for text in asked)
+    assert [(r.rejected, r.tries, r.guided, r.similarity) for r in results] == [("", 2, False, 1.0)] * 2

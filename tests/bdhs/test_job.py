@@ -111,3 +111,22 @@ def test_cli(setup, tmp_path, capsys):
     assert all(r["bdhs_mode"] == "both" for r in _read(tmp_path / "o.jsonl"))
     assert main(args) == 2 and "exists" in capsys.readouterr().err
     assert main(args[:-2] + ["--rho-th", "2"]) == 2 and "rho_th" in capsys.readouterr().err
+
+
+def test_an_empty_rejected_response_is_a_failed_record(setup):
+    """A pair whose every try generated nothing goes to the failed file with the reason, never into the dataset
+    as an empty rejected response."""
+    from mmalign import data
+    from mmalign.bdhs import BDHSResult
+
+    root, rows, model, processor, model_dir, st_dir = setup
+
+    class Engine:
+        def generate(self, pairs):
+            return [BDHSResult(p.id, "" if i == 0 else "A blue square.", 2, 1.0, True, False) for i, p in enumerate(pairs)]
+
+    recs = list(data.iter_records(root / "in.jsonl"))[:2]
+    cfg = job.BDHSJobConfig(images=str(root / "images"))
+    out = job._process(recs, Engine(), lambda rec: rec, cfg)
+    assert out[0]["status"] == "failed" and "generated no text in 2 tries" in out[0]["error"]
+    assert out[1]["status"] == "ok" and out[1]["rejected"] == "A blue square."

@@ -20,7 +20,7 @@ from ..bdhs import _models as M  # noqa: E402
 from ..hardness import _fixtures as fx  # noqa: E402
 from ._processors import SAVERS  # noqa: E402
 
-FAMILIES = ["qwen2_5_vl", "qwen3_vl", "gemma3", "llava_onevision"]
+FAMILIES = ["qwen2_5_vl", "qwen3_vl", "gemma3", "smolvlm", "llava_onevision"]
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +81,7 @@ def test_reference_pass_train_step_and_bdhs(family, data, tmp_path):
 
     out = tmp_path / "bdhs.jsonl"
     assert main(["bdhs", str(root / "in.jsonl"), "--out", str(out), "--images", images, "--model", model_dir,
-                 "--similarity-model", st_dir, "--tries", "2", "--max-new-tokens", "3", "--max-response-tokens", "4",
+                 "--similarity-model", st_dir, "--tries", "1", "--max-new-tokens", "3",
                  "--rho-th", "0.5", "--device", "cpu", "--no-progress"]) == 0
     generated = _read(out)
     assert [r["id"] for r in generated] == [r["id"] for r in rows]
