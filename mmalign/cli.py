@@ -169,13 +169,38 @@ def _add_bdhs(sub) -> None:
     b.set_defaults(fn=_bdhs)
 
 
+def _settings(items: list[str] | None) -> dict:
+    """``--set key=value`` (value read as YAML: numbers, lists, mappings); ``key.sub=value`` sets one entry of a
+    mapping field (``lora.r=8``)."""
+    import yaml
+
+    out: dict = {}
+    for item in items or []:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--set: expected KEY=VALUE, got {item!r}")
+        value = yaml.safe_load(text)
+        if "." in key:
+            field, sub = key.split(".", 1)
+            out.setdefault(field, {})[sub] = value
+        else:
+            out[key] = value
+    return out
+
+
 def _train(args) -> int:
     from .train import Trainer, TrainConfig, precompute_reference
 
     flags = {k: getattr(args, k) for k in ("model", "data", "images", "output_dir", "deepspeed", "zero_stage", "loss",
                                            "beta", "lr", "epochs", "max_steps", "micro_batch_size", "grad_accum",
                                            "max_length", "reference", "seed", "save_every", "prompt_template",
-                                           "averaged_gamma", "mixed_p", "similarity_model", "device")}
+                                           "averaged_gamma", "mixed_p", "similarity_model", "device", "scheduler",
+                                           "warmup_steps", "warmup_ratio", "max_grad_norm", "eval_data",
+                                           "eval_fraction", "eval_every", "group_column")}
+    for name in ("train", "freeze"):
+        value = getattr(args, name)
+        if value:
+            flags[name] = value if value in ("default", "all") else value.split(",")
     if args.online_bdhs:
         flags["online_bdhs"] = {"mode": args.online_bdhs}
     flags.update({k: True for k in ("bf16", "autocast", "gradient_checkpointing", "offload_optimizer") if getattr(args, k)})
@@ -187,6 +212,7 @@ def _train(args) -> int:
     def start():
         cfg = TrainConfig.from_file(args.config, **flags) if args.config else \
             TrainConfig(**{k: v for k, v in flags.items() if v is not None})
+        cfg = _apply_settings(cfg, _settings(args.set))
         if args.precompute_reference:
             n = precompute_reference(cfg, args.precompute_reference, batch_size=args.batch_size or 8,
                                      shard=args.shard, overwrite=args.overwrite)
@@ -200,13 +226,43 @@ def _train(args) -> int:
     return _run("train", start)
 
 
+def _apply_settings(cfg, settings: dict):
+    import dataclasses
+
+    names = {f.name for f in dataclasses.fields(cfg)}
+    unknown = sorted(set(settings) - names)
+    if unknown:
+        raise ValueError(f"--set: unknown options {unknown}")
+    for key, value in settings.items():
+        current = getattr(cfg, key)
+        if isinstance(value, dict) and isinstance(current, dict):
+            value = {**current, **value}
+        setattr(cfg, key, value)
+    return cfg
+
+
 def _add_train(sub) -> None:
     from .train import LOSSES
 
     t = sub.add_parser("train", help="DPO-family training on DeepSpeed (dpo, ipo, hinge, d2po, mdpo, damo)",
                        description="Flags override the --config file (JSON or YAML with TrainConfig's fields). "
                                    "Multi-GPU / multi-node: launch with `deepspeed` or `torchrun`, unchanged.")
-    t.add_argument("--config", help="JSON or YAML file with the fields of mmalign.train.TrainConfig")
+    t.add_argument("--config", help="JSON or YAML file with the fields of mmalign.train.TrainConfig (recipes/: the "
+                                    "papers' recipes)")
+    t.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="any TrainConfig option (value read as YAML; key.sub=value for one entry of a mapping such as "
+                        "lora.r=8); repeatable, applied last")
+    t.add_argument("--train", help="what trains: default (the LLM and the projector, the vision tower frozen), all, "
+                                   "or comma-separated roles (llm, projector, vision) and parameter-name patterns")
+    t.add_argument("--freeze", help="comma-separated parameter-name patterns kept frozen")
+    t.add_argument("--scheduler", choices=("cosine", "linear", "constant"), help="after the warm-up (default constant)")
+    t.add_argument("--warmup-steps", type=int)
+    t.add_argument("--warmup-ratio", type=float, help="warm-up as a share of the optimizer steps")
+    t.add_argument("--max-grad-norm", type=float, help="gradient clipping norm (0: off; default 1.0)")
+    t.add_argument("--eval-data", help="held-out pairs, scored every --eval-every steps and at the end")
+    t.add_argument("--eval-fraction", type=float, help="hold out this share of --data instead")
+    t.add_argument("--eval-every", type=int)
+    t.add_argument("--group-column", help="a column of the data: held-out metrics also per value (e.g. difficulty)")
     t.add_argument("--model", help="local Hugging Face VLM or causal LM directory")
     t.add_argument("--data", help="preference data (.jsonl, parquet, saved dataset; any layout `hardness` reads)")
     t.add_argument("--images")
@@ -254,6 +310,12 @@ def _add_train(sub) -> None:
     t.add_argument("--overwrite", action="store_true", help="with --precompute-reference: redo a finished OUT")
     t.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # the deepspeed launcher's
     t.set_defaults(fn=_train)
+
+
+def _merge_lora(args) -> int:
+    from .train.policy import merge_adapter
+
+    return _run("merge-lora", lambda: f"merged model written to {merge_adapter(args.adapter, args.out, args.base)}")
 
 
 def _plot(args) -> int:
@@ -308,6 +370,11 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("--out", default="bench-report")
     bn.add_argument("--bench-device", help="cpu or cuda (default: cuda when available)")
     bn.set_defaults(fn=_bench)
+    m = sub.add_parser("merge-lora", help="merge a run's LoRA adapters into its base model: a plain model directory")
+    m.add_argument("adapter", help="the adapter directory (OUTPUT/adapter of a LoRA run)")
+    m.add_argument("--out", required=True, help="where the merged model and its processor go")
+    m.add_argument("--base", help="the base model directory (default: the one adapter_config.json names)")
+    m.set_defaults(fn=_merge_lora)
     pl = sub.add_parser("plot", help="curves of training runs (their metrics.jsonl) in one PNG")
     pl.add_argument("runs", nargs="+", help="run directories or metrics.jsonl files")
     pl.add_argument("--out", default="metrics.png")

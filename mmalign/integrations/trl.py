@@ -18,12 +18,12 @@ Written against TRL 1.x, whose ``DPOTrainer._compute_loss(model, inputs, return_
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 
 import torch
 
 from ..nn import DAMOLoss
+from ..models import reference_adapter
 from .hf import patch_sequence_logps
 
 try:
@@ -64,7 +64,7 @@ class DAMODPOTrainer(DPOTrainer):
             with torch.no_grad():
                 ref_chosen, ref_rejected = self._sequence_logps(self.ref_model, inputs)
         elif hasattr(unwrapped := self.accelerator.unwrap_model(self.model), "disable_adapter"):  # PEFT
-            with torch.no_grad(), _reference_adapter(unwrapped):
+            with torch.no_grad(), reference_adapter(unwrapped):
                 ref_chosen, ref_rejected = self._sequence_logps(model, inputs)
         else:
             raise ValueError("DAMODPOTrainer needs a reference: pass ref_model, precompute_ref_log_probs=True, or a "
@@ -113,19 +113,3 @@ def _defaults(args) -> dict:
     return {f.name: f.default_factory() if f.default is dataclasses.MISSING else f.default
             for f in dataclasses.fields(args) if f.default is not dataclasses.MISSING
             or f.default_factory is not dataclasses.MISSING}
-
-
-@contextlib.contextmanager
-def _reference_adapter(peft_model):
-    """The reference inside a PEFT model, as TRL takes it: the adapter named "ref" when the model has one
-    (re-training an existing adapter from its initial copy), else the base model with every adapter off."""
-    if "ref" not in getattr(peft_model, "peft_config", {}):
-        with peft_model.disable_adapter():
-            yield
-        return
-    previous = peft_model.active_adapter
-    peft_model.set_adapter("ref")
-    try:
-        yield
-    finally:
-        peft_model.set_adapter(previous)

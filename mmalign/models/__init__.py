@@ -7,7 +7,8 @@ image token, what the decoder needs besides the merged embeddings, chat template
 
 The trainer, the reference pass, the BDHS engine, evaluation and the Hugging Face / TRL integrations all go
 through it (docs/models.md has the families and which paths each one runs)."""
-from .adapter import ModelAdapter, UnsupportedModel, adapter_for, find_decoder_and_head  # noqa: F401
+from .adapter import (ModelAdapter, UnsupportedModel, adapter_for, base_model, find_decoder_and_head,  # noqa: F401
+                      reference_adapter)
 from .families import FAMILIES, GENERIC, Family  # noqa: F401
 from .layout import DecoderCall, Rule  # noqa: F401
 from .logits import LogitTransform  # noqa: F401

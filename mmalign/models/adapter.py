@@ -9,6 +9,7 @@ What a family passes its decoder besides the merged embeddings is accepted only 
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import weakref
 
@@ -22,6 +23,11 @@ from .layout import DecoderCall
 _FLAGS = {"use_cache", "return_dict", "output_attentions", "output_hidden_states", "logits_to_keep", "cache",
           "past_key_values", "cache_position"}
 _ATTENTION_LAYERS = {"full_attention", "sliding_attention"}
+# the children of a VLM's inner model (model.model) by role, by name: the vision encoder, and what maps its
+# features into the LLM's embedding space (MLPs, mergers, pooling, Ovis2's visual embedding table)
+VISION = ("vision_tower", "visual", "vision_model", "vision_encoder", "image_encoder")
+PROJECTOR = ("multi_modal_projector", "connector", "mm_projector", "visual_embeddings_table", "projector", "merger",
+             "aligner", "resampler")
 
 
 class UnsupportedModel(ValueError):
@@ -35,8 +41,31 @@ class _Captured(Exception):
 _ADAPTERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
+def base_model(model):
+    """The Hugging Face model under a PEFT wrapper (its LoRA layers are in place inside it), else ``model``."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+@contextlib.contextmanager
+def reference_adapter(peft_model):
+    """The reference inside a PEFT model, as TRL takes it: the adapter named "ref" when the model has one
+    (re-training an existing adapter from its initial copy), else the base model with every adapter off (and
+    ``modules_to_save`` copies replaced by their originals)."""
+    if "ref" not in getattr(peft_model, "peft_config", {}):
+        with peft_model.disable_adapter():
+            yield
+        return
+    previous = peft_model.active_adapter
+    peft_model.set_adapter("ref")
+    try:
+        yield
+    finally:
+        peft_model.set_adapter(previous)
+
+
 def adapter_for(model) -> "ModelAdapter":
-    """The adapter of ``model`` (made once per model object)."""
+    """The adapter of ``model`` (made once per model object; a PEFT model's is its base model's)."""
+    model = base_model(model)
     adapter = _ADAPTERS.get(model)
     if adapter is None:
         adapter = _ADAPTERS[model] = ModelAdapter(model)
@@ -124,6 +153,32 @@ class ModelAdapter:
                     f"({sorted(set(self.text_config.layer_types) - _ATTENTION_LAYERS)}): removing hidden tokens "
                     "is not the same as masking them")
         return None
+
+    def roles(self) -> dict[str, list[str]]:
+        """The model's modules by role, as dotted names: ``llm`` (the decoder and the LM head), ``vision`` (the
+        image encoder) and ``projector`` (what maps its features into the LLM: LLaVA's multi_modal_projector,
+        Qwen's merger inside the visual tower). A module of a VLM that fits no role raises (a table entry or a name
+        in VISION / PROJECTOR says where it belongs); a text-only LM has the llm only."""
+        names = {id(m): n for n, m in self.model.named_modules()}
+        llm = [names[id(self.decoder)], names[id(self.head)]]
+        out = {"llm": llm, "vision": [], "projector": []}
+        inner = getattr(self.model, "model", None)
+        if inner is None or inner is self.decoder:
+            return out
+        for child, module in inner.named_children():
+            if module is self.decoder:
+                continue
+            name = names[id(module)]
+            if child in VISION:
+                out["vision"].append(name)
+                out["projector"] += [f"{name}.{c}" for c, _ in module.named_children() if c in self.family.projector]
+            elif child in PROJECTOR:
+                out["projector"].append(name)
+            elif any(True for _ in module.parameters()):
+                raise UnsupportedModel(f"model type {self.model_type!r}: its module {name} is neither the vision "
+                                       "tower, the projector nor the LLM by its name; name it in "
+                                       "mmalign.models.adapter.VISION or PROJECTOR")
+        return out
 
     # ----------------------------------------------------------------------------------- inputs
     def extend_inputs(self, inputs: dict, prompt_len: int, width: int) -> dict:

@@ -42,6 +42,7 @@ class Family:
     bdhs: str | None = None
     cross_attention: bool = False   # images reach the decoder through cross-attention, not image tokens
     kind: str = "vlm"               # "vlm" or "causal" (a text-only LM)
+    projector: tuple = ()           # modules inside the vision tower that are the projector (Qwen's merger)
 
 
 def _causal(about: str = "causal LM; the decoder takes the embeddings alone", **kw) -> Family:
@@ -76,12 +77,12 @@ FAMILIES: dict[str, Family] = {
     "ovis2": Family("Ovis2: visual tokens merged into the embeddings"),
     "smolvlm": Family("SmolVLM: image split into tiles; decoder at model.text_model"),
     "idefics3": Family("Idefics3: image split into tiles; decoder at model.text_model"),
-    "qwen2_vl": Family(f"Qwen2-VL: {_MROPE}"),
-    "qwen2_5_vl": Family(f"Qwen2.5-VL: {_MROPE}"),
-    "glm4v": Family(f"GLM-4V: {_MROPE}"),
+    "qwen2_vl": Family(f"Qwen2-VL: {_MROPE}", projector=("merger",)),
+    "qwen2_5_vl": Family(f"Qwen2.5-VL: {_MROPE}", projector=("merger",)),
+    "glm4v": Family(f"GLM-4V: {_MROPE}", projector=("merger",)),
     "qwen3_vl": Family(
         f"Qwen3-VL: {_MROPE}; deepstack visual features added to the image positions' hidden states in the first "
-        "layers (kept only for the kept image tokens under compaction)",
+        "layers (kept only for the kept image tokens under compaction)", projector=("merger", "deepstack_merger_list"),
         inputs={"visual_pos_masks": Rule(TOKEN, fill=False),
                 "deepstack_visual_embeds": Rule(VISUAL, mask="visual_pos_masks")}),
     "gemma3": Family("Gemma-3: the tokens of one image attend to each other (full and sliding masks from its own "

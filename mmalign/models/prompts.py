@@ -72,20 +72,21 @@ class PromptEncoder:
         return self.encode(rec.id, rec.prompt, rec.image, rec.chosen)
 
 
-def load_model(path: str, device: str, dtype: torch.dtype):
-    """A local VLM (``AutoModelForImageTextToText``) or causal LM, and its processor or tokenizer."""
+def load_model(path: str, device: str, dtype: torch.dtype, **kwargs):
+    """A local VLM (``AutoModelForImageTextToText``) or causal LM, and its processor or tokenizer. ``kwargs`` go to
+    ``from_pretrained`` (a quantization config with its device map: the model is then placed by it)."""
     import transformers
     from transformers import AutoConfig, AutoModelForCausalLM, AutoProcessor, AutoTokenizer
 
     config = AutoConfig.from_pretrained(path)
     if hasattr(config, "vision_config"):
         auto = getattr(transformers, "AutoModelForImageTextToText", None) or transformers.AutoModelForVision2Seq
-        model = auto.from_pretrained(path, **dtype_kwarg(dtype))
+        model = auto.from_pretrained(path, **dtype_kwarg(dtype), **kwargs)
         processor = AutoProcessor.from_pretrained(path)
     else:
-        model = AutoModelForCausalLM.from_pretrained(path, **dtype_kwarg(dtype))
+        model = AutoModelForCausalLM.from_pretrained(path, **dtype_kwarg(dtype), **kwargs)
         processor = AutoTokenizer.from_pretrained(path)
-    return model.to(device).eval(), processor
+    return (model if "device_map" in kwargs else model.to(device)).eval(), processor
 
 
 def dtype_kwarg(dtype) -> dict:

@@ -1,23 +1,16 @@
 """``mmalign plot``: curves of a training run's ``metrics.jsonl`` (one panel per metric, one line per run)."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
+
+from .logs import read
 
 DEFAULT_KEYS = ("loss", "margin", "accuracy", "alpha_m", "beta_mean", "kept")
 
 
-def read_metrics(path: str | Path) -> list[dict]:
-    path = Path(path)
-    if path.is_dir():
-        path = path / "metrics.jsonl"
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no metrics (a run directory or its metrics.jsonl)")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def plot_runs(runs: list[str], out: str, keys=DEFAULT_KEYS) -> str:
-    """One PNG with a panel per metric in ``keys`` and a line per run."""
+    """One PNG with a panel per metric in ``keys`` and a line per run; a key ``eval/<metric>`` plots the held-out
+    rows' metric."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -25,7 +18,7 @@ def plot_runs(runs: list[str], out: str, keys=DEFAULT_KEYS) -> str:
 
     from ..jobs import atomic_write_bytes
 
-    data = {str(r): read_metrics(r) for r in runs}
+    data = {str(r): _points(read(r)) for r in runs}
     keys = [k for k in keys if any(k in row for rows in data.values() for row in rows)]
     if not keys:
         raise ValueError("keys: none of them is in the metrics")
@@ -45,3 +38,9 @@ def plot_runs(runs: list[str], out: str, keys=DEFAULT_KEYS) -> str:
     atomic_write_bytes(Path(out), lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
     return out
+
+
+def _points(rows: list[dict]) -> list[dict]:
+    """Train rows as they are, held-out rows with their keys prefixed by ``eval/``."""
+    return [r if r.get("split", "train") == "train" else
+            {"step": r["step"], **{f"eval/{k}": v for k, v in r.items() if k not in ("step", "split")}} for r in rows]

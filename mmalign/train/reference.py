@@ -19,8 +19,9 @@ import torch
 from .. import data, jobs
 from ..models import PromptEncoder, load_model
 from .batches import encode_pair, pair_logps
-from .trainer import TrainConfig, autocast_dtype, cast_like_training, deepspeed_config, forward_precision, \
-    train_device, training_dtype
+from .config import TrainConfig
+from .runtime import autocast_dtype, cast_like_training, deepspeed_config, forward_precision, train_device, \
+    training_dtype
 
 
 def precompute_reference(cfg: TrainConfig, out: str, *, model=None, processor=None, batch_size: int = 8,

@@ -14,7 +14,7 @@ pytest.importorskip("deepspeed")
 from mmalign.cli import main  # noqa: E402
 from mmalign.models import PromptEncoder, load_model  # noqa: E402
 from mmalign.train import Trainer, TrainConfig, enable_checkpointing, encode_pair, pair_logps  # noqa: E402
-from mmalign.train.trainer import _init_distributed, train_device  # noqa: E402
+from mmalign.train.runtime import init_distributed, train_device  # noqa: E402
 from mmalign import data, jobs  # noqa: E402
 
 from ..bdhs import _models as M  # noqa: E402
@@ -150,15 +150,32 @@ def test_pair_logps_under_gradient_checkpointing(setup, share_prompt):
         assert torch.equal(g, ckpt[2][name]), name
 
 
+@pytest.mark.parametrize("train", ["default", "all"])
 @pytest.mark.parametrize("stage", [0, 2])
-def test_one_step_equals_plain_pytorch(setup, tmp_path, stage):
+def test_one_step_equals_plain_pytorch(setup, tmp_path, stage, train):
+    """One step against plain PyTorch. By default the vision tower is frozen (the LLaVA / DAMO recipe): it is
+    bit-identical after the step, holds no optimizer state, and the reference runs on the policy's own tower
+    (shared, its output replayed: one tower forward per step)."""
     root, model_dir = setup
     base, processor = load_model(model_dir, "cpu", torch.float32)
-    trainer = Trainer(_cfg(root, model_dir, tmp_path / "run", zero_stage=stage, beta=0.5),
+    trainer = Trainer(_cfg(root, model_dir, tmp_path / "run", zero_stage=stage, beta=0.5, train=train),
                       model=copy.deepcopy(base), processor=processor)
     batch = trainer.micro_batch(0)
+    tower = trainer.engine.module.model.vision_tower
     rows = trainer.train()
     manual = copy.deepcopy(base).train()
+    frozen = train == "default"
+    if frozen:
+        manual.model.vision_tower.requires_grad_(False).eval()
+        assert trainer.reference.model.vision_tower is tower  # shared, not copied
+        assert [r.calls for r in trainer.replays] == [1]  # run once for the policy and the reference
+        for (name, p), q in zip(tower.named_parameters(), base.model.vision_tower.parameters()):
+            assert not p.requires_grad and torch.equal(p, q), name
+        state = trainer.engine.optimizer.state_dict()
+        held = {id(p) for group in trainer.engine.optimizer.param_groups for p in group["params"]}
+        assert not any(id(p) in held for p in tower.parameters()) and state
+    else:
+        assert trainer.reference.model.vision_tower is not tower and not trainer.replays
     pc, pr = _eager_logps(manual, batch)
     with torch.no_grad():
         rc, rr = _eager_logps(base, batch)
@@ -276,7 +293,7 @@ def test_device_and_process_group(monkeypatch):
     # a single-process job binds no port (an in-memory store): a second job on the machine cannot collide with it
     monkeypatch.delenv("MASTER_PORT", raising=False)
     monkeypatch.delenv("WORLD_SIZE", raising=False)
-    _init_distributed(torch.device("cpu"))
+    init_distributed(torch.device("cpu"))
     assert "MASTER_PORT" not in os.environ
     assert torch.distributed.get_backend() == "gloo" and torch.distributed.get_world_size() == 1
 
@@ -503,7 +520,8 @@ def test_deepspeed_options_take_a_step(setup, tmp_path, options):
         assert "torch_autocast" in trainer.ds_config and not trainer.ds_config["bf16"]["enabled"]
         assert {p.dtype for p in trainer.engine.module.parameters()} == {torch.float32}
         if not trainer.zero3:
-            for module in trainer.reference.modules():
+            shared = set(trainer.reference.model.vision_tower.modules())  # the policy's frozen tower, not a copy
+            for module in set(trainer.reference.modules()) - shared:
                 want = torch.bfloat16 if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)) else torch.float32
                 assert all(p.dtype == want for p in module.parameters(recurse=False)), module
     rows = trainer.train()
@@ -519,12 +537,12 @@ def test_example_configs_load(tmp_path):
     from mmalign.train import deepspeed_config
 
     examples = pathlib.Path(__file__).resolve().parents[2] / "examples"
-    configs = sorted(examples.glob("train/*.yaml"))
-    assert configs
+    configs = sorted(examples.glob("train/*.yaml")) + sorted((examples.parent / "recipes").glob("*.yaml"))
+    assert len(configs) >= 3
     for path in configs:
         cfg = TrainConfig.from_file(str(path))
         cfg.validate()
-        if cfg.deepspeed:
+        if isinstance(cfg.deepspeed, str):
             cfg.deepspeed = str(examples.parent / cfg.deepspeed)
         ds = deepspeed_config(cfg)
         assert ds["train_micro_batch_size_per_gpu"] == cfg.micro_batch_size
