@@ -325,6 +325,10 @@ def test_a_run_killed_between_checkpoints_logs_no_step_twice(setup, tmp_path):
     a, b = _train_rows(killed / "metrics.jsonl"), _train_rows(tmp_path / "whole" / "metrics.jsonl")
     assert [r["step"] for r in a] == list(range(1, 9))
     assert drop(a) == drop(b)
+    accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    events = accumulator.EventAccumulator(str(killed / "tensorboard"))
+    events.Reload()  # the resumed writer purged the killed run's step 4
+    assert [e.step for e in events.Scalars("train/loss")] == list(range(1, 9))
 
 
 # ------------------------------------------------------------------------------------------- recipes
