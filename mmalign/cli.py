@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 
 def _env(args) -> int:
@@ -312,6 +313,73 @@ def _add_train(sub) -> None:
     t.set_defaults(fn=_train)
 
 
+def _eval(args) -> int:
+    from .eval.job import Decoding, EvalConfig, run
+
+    def start():
+        models = {}
+        for item in args.model:
+            name, sep, path = item.partition("=")
+            if not sep:
+                name, path = Path(item).name, item
+            if name in models:
+                raise ValueError(f"--model: the name {name!r} is given twice")
+            models[name] = path
+        cfg = EvalConfig(models=models, images=args.images, pope=args.pope or [], pope_prompt=args.pope_prompt,
+                         chair_instances=args.chair_instances or [], chair_captions=args.chair_captions or [],
+                         chair_prompt=args.chair_prompt, chair_vocabulary=args.chair_vocabulary,
+                         amber_queries=args.amber_queries, amber_annotations=args.amber_annotations,
+                         amber_relation=args.amber_relation, amber_safe_words=args.amber_safe_words, limit=args.limit,
+                         decoding=Decoding(args.max_new_tokens, args.do_sample, args.temperature, args.top_p, args.seed),
+                         prompt_template=args.prompt_template, batch_size=args.batch_size, device=args.device,
+                         dtype=args.dtype, shard=args.shard, overwrite=args.overwrite, progress=not args.no_progress)
+        return run(cfg, args.out)
+
+    return _run("eval", start)
+
+
+def _add_eval(sub) -> None:
+    from .eval.job import CHAIR_PROMPT
+
+    e = sub.add_parser("eval", help="hallucination benchmarks (POPE, CHAIR, AMBER) for one or several models",
+                       description="Resumable and sharded like `mmalign hardness`: rerun the same command after a kill. "
+                                   "Writes per-question rows per model and benchmark, summary.json, summary.md and "
+                                   "summary.png to --out.")
+    e.add_argument("--model", action="append", required=True, metavar="NAME=PATH",
+                   help="a model directory, a LoRA adapter directory or a `mmalign train` output directory; repeat "
+                        "for several models (NAME names its rows and its line in the table)")
+    e.add_argument("--out", required=True, help="the output folder")
+    e.add_argument("--images", help="root folder of the benchmarks' images (COCO val2014, AMBER's images)")
+    e.add_argument("--pope", action="append", metavar="FILE",
+                   help="POPE question file (JSON lines: question_id, image, text, label); repeat per setting")
+    e.add_argument("--pope-prompt", default="{question}", help="the prompt of a POPE question (default: the question)")
+    e.add_argument("--chair-instances", action="append", metavar="FILE", help="COCO instances JSON (CHAIR's images "
+                                                                             "and annotated objects)")
+    e.add_argument("--chair-captions", action="append", metavar="FILE", help="COCO captions JSON (objects the "
+                                                                            "reference captions mention count too)")
+    e.add_argument("--chair-prompt", default=CHAIR_PROMPT)
+    e.add_argument("--chair-vocabulary", choices=("coco", "instances"), default="coco",
+                   help="coco: COCO's 80 categories with CHAIR's synonyms; instances: the file's own category names")
+    e.add_argument("--amber-queries", help="AMBER query JSON (query_all.json, query_generative.json, ...)")
+    e.add_argument("--amber-annotations", help="AMBER annotations.json")
+    e.add_argument("--amber-relation", help="AMBER relation.json (needed for its generative part)")
+    e.add_argument("--amber-safe-words", help="AMBER safe_words.txt")
+    e.add_argument("--limit", type=int, help="the first N questions / images of each benchmark")
+    e.add_argument("--batch-size", type=int, default=8, help="prompts decoded together")
+    e.add_argument("--max-new-tokens", type=int, default=128)
+    e.add_argument("--do-sample", action="store_true", help="sample (default: greedy)")
+    e.add_argument("--temperature", type=float, default=1.0)
+    e.add_argument("--top-p", type=float, default=1.0)
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--prompt-template", help="with {prompt} (and <image>); default: the chat template")
+    e.add_argument("--device", help=DEVICE_HELP + " (default: cuda:LOCAL_RANK when available, else cpu)")
+    e.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16", "float64"))
+    e.add_argument("--shard", help="I/N: this process's share of the questions (default: torchrun's rank)")
+    e.add_argument("--overwrite", action="store_true", help="redo finished results")
+    e.add_argument("--no-progress", action="store_true")
+    e.set_defaults(fn=_eval)
+
+
 def _merge_lora(args) -> int:
     from .train.policy import merge_adapter
 
@@ -362,6 +430,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_hardness(sub)
     _add_bdhs(sub)
     _add_train(sub)
+    _add_eval(sub)
     from .bench import SUITES
 
     bn = sub.add_parser("bench", help="benchmark suites vs eager PyTorch -> a report folder (Markdown, JSON, PNG)")

@@ -264,6 +264,7 @@ class JobSpec:
     overwrite: bool = False
     progress: bool = True
     tally: Callable[[list], dict] | None = None     # counts one batch adds to the progress bar (summed as it goes)
+    count: int | None = None                         # how many records ``read`` yields, when ``input`` cannot say
 
 
 def check_device(device: str | None) -> None:
@@ -319,7 +320,7 @@ def run_records(spec: JobSpec) -> WorkDir | None:
 
     work = WorkDir(spec.out, spec.shard, spec.params)
     done = work.load()
-    total = count_records(spec.input)
+    total = spec.count if spec.count is not None else count_records(spec.input)
     todo = None if total is None else len(range(spec.shard.index, total, spec.shard.count)) - len(done)
     desc = spec.name + (f" {spec.shard.index}/{spec.shard.count}" if spec.shard.count > 1 else "")
     bar = tqdm(total=todo, unit="pair", desc=desc, disable=not spec.progress, dynamic_ncols=True, file=sys.stderr)

@@ -169,3 +169,36 @@ def tiny_open_clip_config(dir) -> str:
     path = Path(dir) / "TinyCLIP-mmalign.json"
     path.write_text(json.dumps(cfg))
     return str(path)
+
+
+def write_eval_set(dir, n: int, seed: int = 1) -> dict:
+    """A held-out hallucination benchmark of ``n`` new shape images, in the public formats ``mmalign eval`` reads:
+    ``pope.jsonl`` (POPE questions: for each image "Is there a {shape} in the image?" for its shape, yes, and for
+    another shape, no) and COCO-style ``instances.json`` / ``captions.json`` whose categories are the shapes and
+    the colours (CHAIR over them: ``chair_vocabulary="instances"``). Returns the paths (and ``images``)."""
+    dir = Path(dir)
+    rng = random.Random(seed)
+    images = dir / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    names = list(SHAPES) + list(COLOURS)
+    categories = [{"id": i + 1, "name": name} for i, name in enumerate(names)]
+    cid = {c["name"]: c["id"] for c in categories}
+    pope, inst_images, annotations, captions = [], [], [], []
+    for i in range(n):
+        colour, shape, count = rng.choice(list(COLOURS)), rng.choice(SHAPES), rng.choice(list(COUNTS))
+        name = f"eval-{i}-{colour}_{shape}_{count}.png"
+        (images / name).write_bytes(png(colour, shape, count))
+        other = rng.choice([s for s in SHAPES if s != shape])
+        pope += [{"question_id": 2 * i, "image": name, "text": f"Is there a {shape} in the image?", "label": "yes"},
+                 {"question_id": 2 * i + 1, "image": name, "text": f"Is there a {other} in the image?", "label": "no"}]
+        inst_images.append({"id": i, "file_name": name, "width": 48, "height": 48})
+        annotations += [{"id": 2 * i, "image_id": i, "category_id": cid[shape]},
+                        {"id": 2 * i + 1, "image_id": i, "category_id": cid[colour]}]
+        captions.append({"id": i, "image_id": i, "caption": caption(colour, shape, count)})
+    paths = {"images": str(images), "pope": str(dir / "pope_random.jsonl"), "instances": str(dir / "instances.json"),
+             "captions": str(dir / "captions.json")}
+    Path(paths["pope"]).write_text("".join(json.dumps(q) + "\n" for q in pope))
+    Path(paths["instances"]).write_text(json.dumps({"images": inst_images, "categories": categories,
+                                                    "annotations": annotations}))
+    Path(paths["captions"]).write_text(json.dumps({"images": inst_images, "annotations": captions}))
+    return paths

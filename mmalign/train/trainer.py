@@ -340,8 +340,10 @@ class Trainer:
             bar.close()
             if log is not None:
                 log.close()
-        if cfg.save_final and (not rows or not (cfg.save_every and self.step % cfg.save_every == 0)):
-            self.save_checkpoint()
+        if cfg.save_final:
+            if not rows or not (cfg.save_every and self.step % cfg.save_every == 0):
+                self.save_checkpoint()
+            self.export()
         if self.rank == 0 and rows:
             print(f"train: {len(rows)} steps in {time.time() - started:.1f} s, last loss {rows[-1]['loss']:.4f}",
                   file=sys.stderr)
@@ -395,6 +397,22 @@ class Trainer:
         self.engine.save_checkpoint(str(self.ckpt_dir), tag=f"step{self.step}", client_state=state)
         if self.lora:
             save_adapter(self.policy, self.out / "adapter", self.zero3)
+
+    def export(self) -> Path:
+        """The trained model as Hugging Face loads it, with its processor: ``OUTPUT/model`` (under ZeRO-3 gathered
+        from the ranks), or with LoRA the adapters in ``OUTPUT/adapter`` (``mmalign merge-lora`` merges them).
+        ``mmalign eval`` reads either from the output directory."""
+        if self.lora:
+            save_adapter(self.policy, self.out / "adapter", self.zero3)
+            where = self.out / "adapter"
+        else:
+            state = self.engine._zero3_consolidated_16bit_state_dict() if self.zero3 else None
+            where = self.out / "model"
+            if self.rank == 0:
+                self.policy.save_pretrained(str(where), state_dict=state)
+        if self.rank == 0:
+            self.encoder.processor.save_pretrained(str(where))
+        return where
 
     def _load_checkpoint(self) -> None:
         _, state = self.engine.load_checkpoint(str(self.ckpt_dir))
