@@ -26,9 +26,10 @@ def _demo(args) -> int:
     from . import demo
 
     def start():
-        return demo.run(args.workdir, pairs=args.pairs, steps=args.steps, model=args.model, clip_model=args.clip_model,
+        return demo.run(args.workdir, pairs=args.pairs, steps=args.steps, sft_steps=args.sft_steps,
+                        eval_images=args.eval_images, model=args.model, clip_model=args.clip_model,
                         clip_pretrained=args.clip_pretrained, similarity_model=args.similarity_model, lr=args.lr,
-                        seed=args.seed, device=args.device, progress=not args.no_progress)
+                        sft_lr=args.sft_lr, seed=args.seed, device=args.device, progress=not args.no_progress)
 
     return _run("demo", start)
 
@@ -413,12 +414,16 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     o.add_argument("--seed", type=int, default=0)
     o.set_defaults(fn=_ops_demo)
-    d = sub.add_parser("demo", help="the whole pipeline end to end on synthetic data: hardness, BDHS, DPO vs DAMO",
+    d = sub.add_parser("demo", help="the whole pipeline end to end on synthetic data: warm-up, hardness, BDHS, DPO vs "
+                                    "DAMO, hallucination on held-out images",
                        description="No GPU, no downloads: tiny random models unless --model/--clip-model give real ones.")
     d.add_argument("--workdir", default="mmalign-demo", help="where data, models, runs and plots go")
     d.add_argument("--pairs", type=int, default=48)
-    d.add_argument("--steps", type=int, default=120, help="optimizer steps per loss")
-    d.add_argument("--lr", type=float, default=3e-4)
+    d.add_argument("--steps", type=int, default=60, help="optimizer steps of DPO and of DAMO")
+    d.add_argument("--sft-steps", type=int, default=1000, help="optimizer steps of the supervised warm-up")
+    d.add_argument("--eval-images", type=int, default=16, help="held-out images of the hallucination benchmark")
+    d.add_argument("--lr", type=float, default=1e-4, help="DPO / DAMO learning rate (cosine, 10%% warm-up)")
+    d.add_argument("--sft-lr", type=float, default=1e-3)
     d.add_argument("--model", help="a local LLaVA-style model directory (default: a tiny random one)")
     d.add_argument("--clip-model", help="CLIP for hardness (default: a tiny random open_clip)")
     d.add_argument("--clip-pretrained")

@@ -78,7 +78,8 @@ def make_pairs(n: int, images: Path, seed: int = 0) -> list[dict]:
 
 def vocabulary() -> list[str]:
     words = [caption(c, s, n) for c in COLOURS for s in SHAPES for n in COUNTS]
-    return words + ["USER : Describe the image . ASSISTANT :", "yes no , ; and it there is are a of this picture"]
+    return words + ["USER : Describe the image . ASSISTANT :", "yes no , ; and it there is are a of this picture",
+                    "Is there a circle square triangle in the image ? Yes . No ."]
 
 
 def word_tokenizer(texts: list[str] | None = None, vocab_size: int = 400, bos: str | None = "<s>",

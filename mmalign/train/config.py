@@ -10,9 +10,11 @@ from pathlib import Path
 from ..nn import DAMOLoss
 from ..ops.damo_step import DAMOConfig
 
-# loss name -> (DAMO preset, loss type)
+# loss name -> (DAMO preset, loss type); "sft": supervised fine-tuning on the chosen responses (a warm-up before
+# alignment: the token-mean negative log-likelihood; no reference, the rejected responses unused)
 LOSSES = {"dpo": ("dpo", "sigmoid"), "ipo": ("dpo", "ipo"), "hinge": ("dpo", "hinge"),
-          "d2po": ("d2po", "sigmoid"), "mdpo": ("mdpo", "sigmoid"), "damo": ("damo", "sigmoid")}
+          "d2po": ("d2po", "sigmoid"), "mdpo": ("mdpo", "sigmoid"), "damo": ("damo", "sigmoid"),
+          "sft": ("dpo", "sigmoid")}
 SCHEDULERS = ("cosine", "linear", "constant")
 ROLES = ("llm", "projector", "vision")
 LORA_KEYS = {"r", "alpha", "dropout", "target"}
@@ -126,6 +128,12 @@ class TrainConfig:
         self._validate_training()
         self._validate_schedule()
         self._validate_eval()
+        if self.loss == "sft":
+            for name in ("online_bdhs", "mixed_p", "eval_data", "eval_fraction"):
+                if getattr(self, name) is not None:
+                    raise ValueError(f"{name}: not with loss='sft' (it trains on the chosen responses alone)")
+            if self.damo:
+                raise ValueError("damo: not with loss='sft'")
 
     def _validate_training(self) -> None:
         if not (self.train in ("default", "all") or (isinstance(self.train, (list, tuple)) and self.train

@@ -19,6 +19,7 @@ metrics log is cut back to the checkpoint first (nothing logged twice).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import random
 import sys
 import time
@@ -62,8 +63,9 @@ class Trainer:
         model, processor = self._model(model, processor)
         dtype = training_dtype(self.ds_config, model)
         self.autocast = autocast_dtype(self.ds_config)
+        self.sft = cfg.loss == "sft"
         self.reference, self.replays = None, []
-        if cfg.reference == "model" and not self.lora:
+        if cfg.reference == "model" and not self.lora and not self.sft:
             self.reference, self.replays = frozen_reference(model, dtype, self.autocast, share_vision=not self.zero3)
         self.frozen_vision = frozen_modules(model, "vision")
         self.encoder = PromptEncoder(processor, template=cfg.prompt_template, images=cfg.images, device=device,
@@ -141,7 +143,7 @@ class Trainer:
             skipped += more
         elif cfg.eval_fraction:
             records, held = hold_out(records, cfg.eval_fraction, cfg.seed)
-        if cfg.reference == "precomputed":
+        if cfg.reference == "precomputed" and cfg.loss != "sft":
             lacking = next((r for r in records + held if r.extra.get("ref_chosen_logp") is None
                             or r.extra.get("ref_rejected_logp") is None), None)
             if lacking is not None:
@@ -289,7 +291,25 @@ class Trainer:
     def _mixed(self, batch: list[PairExample], k: int) -> list[PairExample]:
         return online.mixed(self, batch, k)
 
+    def _sft_step(self, batch: list[PairExample]) -> dict:
+        """Supervised fine-tuning: the token-mean negative log-likelihood of the chosen responses (over the global
+        micro-batch's tokens), the rejected ones unused."""
+        batch = [dataclasses.replace(e, rejected_ids=[]) for e in batch]
+        with forward_precision(self.device, self.autocast):
+            logps, _ = pair_logps(self.policy, batch, zero3=self.zero3)
+        tokens = torch.tensor(float(sum(len(e.chosen_ids) for e in batch)), device=self.device)
+        if self.world > 1:
+            torch.distributed.all_reduce(tokens)
+        loss = -logps.float().sum() / tokens.clamp_min(1)
+        self.engine.backward(loss * self.world)  # DeepSpeed averages gradients over ranks: scale back
+        total = loss.detach().clone()
+        if self.world > 1:
+            torch.distributed.all_reduce(total)
+        return {"loss": float(total)}
+
     def micro_step(self, batch: list[PairExample], k: int = 0) -> dict:
+        if self.sft:
+            return self._sft_step(batch)
         if self.cfg.mixed_p is not None:
             batch = self._mixed(batch, k)
         group = torch.distributed.group.WORLD if self.world > 1 else None
@@ -375,12 +395,13 @@ class Trainer:
                    "pairs_per_s": cfg.grad_accum * cfg.micro_batch_size * self.world / (time.time() - t0)}
             row["lr"] = lrs[-1]  # the rest group (the only one without param_groups)
             row.update({f"lr/{name}": lr for name, lr in zip(self.group_names[:-1], lrs[:-1])})
-            row["kept"], row["running_mean"] = micro[-1]["kept"], micro[-1]["running_mean"]
+            if not self.sft:
+                row["kept"], row["running_mean"] = micro[-1]["kept"], micro[-1]["running_mean"]
             rows.append(row)
             if log is not None and self.step % cfg.log_every == 0:
                 log.write(row)
             bar.update(1)
-            bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['accuracy']:.2f}", refresh=False)
+            bar.set_postfix(loss=f"{row['loss']:.4f}", refresh=False)
             if self.held_out is not None and cfg.eval_every and self.step % cfg.eval_every == 0:
                 self.evaluate(log)
             if cfg.save_every and self.step % cfg.save_every == 0:

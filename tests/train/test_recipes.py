@@ -348,3 +348,25 @@ def test_recipes_run_on_a_tiny_model(setup, tmp_path, recipe):
     assert [r["step"] for r in rows] == [1, 2] and rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-2)
     if cfg.lora:
         assert (tmp_path / "adapter" / "adapter_config.json").exists()
+
+
+def test_sft_is_the_token_mean_nll_of_the_chosen_responses(setup, tmp_path):
+    """loss="sft" (the demo's warm-up): the first step's loss is the chosen responses' negative log-likelihood per
+    token from the model's own forward (the rejected ones unused, no reference), and training lowers it."""
+    root, model_dir = setup
+    base, processor = load_model(model_dir, "cpu", torch.float32)
+    trainer = Trainer(_cfg(root, model_dir, tmp_path, loss="sft", micro_batch_size=4, max_steps=3, epochs=3,
+                           reference="precomputed"), model=copy.deepcopy(base), processor=processor)
+    assert trainer.reference is None
+    batch = trainer.micro_batch(0)
+    nll, tokens = 0.0, 0
+    for ex in batch:
+        ids = torch.cat([ex.prompt_ids, torch.tensor(ex.chosen_ids)])[None]
+        logits = base(input_ids=ids, **ex.image_inputs).logits[0, len(ex.prompt_ids) - 1:-1]
+        nll -= float(torch.log_softmax(logits.double(), -1).gather(-1, torch.tensor(ex.chosen_ids)[:, None]).sum())
+        tokens += len(ex.chosen_ids)
+    rows = trainer.train()
+    assert rows[0]["loss"] == pytest.approx(nll / tokens, rel=1e-5)
+    assert rows[2]["loss"] < rows[0]["loss"]
+    with pytest.raises(ValueError, match="eval_fraction: not with loss='sft'"):
+        _cfg(root, model_dir, tmp_path, loss="sft", eval_fraction=0.5).validate()
