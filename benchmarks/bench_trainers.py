@@ -5,8 +5,15 @@ DeepSpeed's initialization are outside the timed region; mmalign tokenizes on th
 writes a checkpoint). Not in --quick.
 
 Models built from configs with random weights, synthetic caption pairs, reference log-probs from a
-frozen copy of the initial model in both. kind="text": a Llama; kind="vlm": a LLaVA with 576 image
-tokens (336 px, 14 px patches), the same prompt format on both sides (a chat template on the processor).
+frozen copy of the initial model in both (with LoRA: the base with the adapters off, in both). kind="text": a Llama;
+kind="vlm": a LLaVA with 576 image tokens (336 px, 14 px patches), the same prompt format on both sides (a chat
+template on the processor); kind="qwen2_5_vl": a Qwen2.5-VL-shaped model (multimodal RoPE, 2 KV heads, 256 image
+tokens of a 448 px image) with its real processor, built offline.
+
+What trains (the VLMs only): mmalign-dpo is the default recipe (the vision tower frozen, the LLM and the projector
+trained); mmalign-dpo-full trains everything (what mmalign-dpo meant before 0.2.0, and what TRL trains);
+mmalign-dpo-lora and trl-lora train the alignment study's LoRA (rank 128, scaling 256 on the LLM's linear layers,
+the projector in full) with the same peft config on both sides.
 CPU: 4-layer 256-wide decoder, 32k vocabulary, 8 pairs per step, fp32. GPU: 16-layer 2048-wide (~1B),
 8 pairs, bf16 mixed precision (MMALIGN_BENCH_SHAPE, MMALIGN_BENCH_LAYERS, MMALIGN_BENCH_PRECISION: see
 conftest.decoder_dims). pairs/s = steps x pairs / time. Memory: everything the trainer holds at
@@ -29,6 +36,7 @@ The two do the same work in the same precision:
 import json
 import os
 import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -39,19 +47,44 @@ from mmalign._measure import memory_left
 from conftest import bench_dtype, decoder_dims, decoder_label, run_case
 
 PROVIDERS = ["trl", "trl-ckpt", "mmalign-dpo", "mmalign-damo", "mmalign-dpo-autocast", "mmalign-dpo-ckpt",
-             "mmalign-dpo-autocast-ckpt"]
+             "mmalign-dpo-autocast-ckpt", "mmalign-dpo-full", "mmalign-dpo-lora", "trl-lora"]
 STEPS = 3
+LORA = {"r": 128, "alpha": 256, "target": "llm"}  # the alignment study's (SPEC.md section 11)
+
+
+def _qwen(device, quick):
+    """A Qwen2.5-VL-shaped model (multimodal RoPE, the Qwen2 decoder at the widths of decoder_dims with
+    Qwen2.5-VL-3B's 2 KV heads; a one-block vision tower; 448 px images: 256 image tokens) with its real processor,
+    built offline (tests/models/_processors.py)."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from tests.models._processors import qwen2_5_vl_parts
+
+    dims = decoder_dims(device, 2 if quick else 4)
+    head_dim = dims["hidden_size"] // dims["num_attention_heads"]
+    quarter = head_dim // 16  # mrope_section sums to head_dim / 2: [16, 24, 24] at 128, as Qwen2.5-VL
+    text = dict(dims, num_key_value_heads=2, max_position_embeddings=4096,
+                rope_parameters={"rope_type": "default", "rope_theta": 1e6,
+                                 "mrope_section": [2 * quarter, 3 * quarter, 3 * quarter]})
+    vision = dict(depth=1, hidden_size=64, intermediate_size=128, num_heads=2, window_size=112)
+    processor, cfg = qwen2_5_vl_parts(synthetic.vocabulary(), text=text, vision=vision,
+                                      image=dict(patch_size=14, min_pixels=448 * 448, max_pixels=448 * 448))
+    return processor, cfg, text
 
 
 def _setup(device, quick, kind):
-    from transformers import LlamaConfig, LlamaForCausalLM, LlavaConfig, LlavaForConditionalGeneration
+    from transformers import (AutoModelForImageTextToText, LlamaConfig, LlamaForCausalLM, LlavaConfig,
+                              LlavaForConditionalGeneration)
 
     tok = synthetic.word_tokenizer(image_token="<image>" if kind == "vlm" else None)
     text = dict(decoder_dims(device, 2 if quick else 4), pad_token_id=tok.pad_token_id,
                 eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
     dtype = bench_dtype(device)
     processor = tok
-    if kind == "vlm":
+    if kind == "qwen2_5_vl":
+        processor, cfg, text = _qwen(device, quick)
+    elif kind == "vlm":
         vision = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
                       image_size=336, patch_size=14)
         cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_id=tok.convert_tokens_to_ids("<image>"),
@@ -62,8 +95,10 @@ def _setup(device, quick, kind):
 
     def model(dtype=dtype):  # built on the device: a ~1B random init on the host takes seconds, 8 per case
         torch.manual_seed(0)
-        cls = LlavaForConditionalGeneration if kind == "vlm" else LlamaForCausalLM
         with torch.device(device):
+            if kind == "qwen2_5_vl":
+                return AutoModelForImageTextToText.from_config(cfg, attn_implementation="sdpa").to(device, dtype)
+            cls = LlavaForConditionalGeneration if kind == "vlm" else LlamaForCausalLM
             return cls._from_config(cfg, attn_implementation="sdpa").to(device, dtype)
 
     work = tempfile.mkdtemp(prefix="mmalign-bench-trainers-")
@@ -72,6 +107,15 @@ def _setup(device, quick, kind):
         for r in rows:
             f.write(json.dumps({**r, "prompt": "Describe the image ."}) + "\n")
     return processor, model, dtype, work, rows, decoder_label(text)
+
+
+def _lora_config(model, device):
+    """The peft config mmalign's trainer builds for LORA on ``model`` (adapters on the LLM's linear layers, the
+    projector trained in full): TRL gets the same one."""
+    from mmalign.train import TrainConfig
+    from mmalign.train.policy import lora_config
+
+    return lora_config(model(torch.float32), TrainConfig(lora=LORA, train=["llm", "projector"]))
 
 
 def _trl_rows(rows, work, kind):
@@ -88,13 +132,16 @@ def _trl_rows(rows, work, kind):
 
 # every text case first: after a vlm case (gigabytes, freed) the next case on a 2-core CPU ran up to 50% slower
 @pytest.mark.parametrize("provider", PROVIDERS)
-@pytest.mark.parametrize("kind", ["text", "vlm"])
+@pytest.mark.parametrize("kind", ["text", "vlm", "qwen2_5_vl"])
 def test_trainer_steps(benchmark, device, quick, provider, kind):
     if quick:
         pytest.skip("--quick: whole trainers take minutes")
+    if kind == "text" and provider.endswith(("-full", "-lora")):
+        pytest.skip("what trains (a frozen tower, LoRA) is measured on the VLMs")
     tok, model, dtype, work, rows, decoder = _setup(device, quick, kind)
-    pairs = 8
+    pairs = int(os.environ.get("MMALIGN_BENCH_PAIRS") or 8)
     ckpt = provider.endswith("-ckpt")
+    lora = provider.endswith("-lora")
     if provider.startswith("trl"):
         datasets = pytest.importorskip("datasets")
         trl = pytest.importorskip("trl")
@@ -104,9 +151,13 @@ def test_trainer_steps(benchmark, device, quick, provider, kind):
             args = trl.DPOConfig(output_dir=os.path.join(work, "trl"), per_device_train_batch_size=pairs,
                                  max_steps=STEPS, learning_rate=1e-5, beta=0.1, report_to=[], save_strategy="no",
                                  use_cpu=device == "cpu", bf16=dtype == torch.bfloat16, logging_steps=STEPS,
-                                 disable_tqdm=True, max_length=None if kind == "vlm" else 128,
+                                 disable_tqdm=True, max_length=128 if kind == "text" else None,
                                  gradient_checkpointing=ckpt)
-            # bf16: an fp32 policy under autocast (mixed precision, as DeepSpeed's bf16 mode), a bf16 reference
+            # bf16: an fp32 policy under autocast (mixed precision, as DeepSpeed's bf16 mode), a bf16 reference; with
+            # LoRA the reference is the base with the adapters off (no ref_model), as in mmalign
+            if lora:
+                return (trl.DPOTrainer(model=model(torch.float32), ref_model=None, args=args, train_dataset=ds,
+                                       processing_class=tok, peft_config=_lora_config(model, device)),)
             return (trl.DPOTrainer(model=model(torch.float32), ref_model=model(), args=args, train_dataset=ds,
                                    processing_class=tok),)
     else:
@@ -122,8 +173,9 @@ def test_trainer_steps(benchmark, device, quick, provider, kind):
                               images=os.path.join(work, "images"),
                               loss=provider.split("-")[1], reference="model", micro_batch_size=pairs, max_steps=STEPS,
                               lr=1e-5, bf16=dtype == torch.bfloat16, autocast=autocast, progress=False, tensorboard=False,
-                              resume=False, save_final=False, max_length=1024 if kind == "vlm" else 128,
-                              gradient_checkpointing=ckpt)
+                              resume=False, save_final=False, max_length=128 if kind == "text" else 1024,
+                              gradient_checkpointing=ckpt, train="all" if provider.endswith("-full") else "default",
+                              lora=LORA if lora else None)
             return (Trainer(cfg, model=model(torch.float32), processor=tok),)  # DeepSpeed casts it for bf16
 
     held = []

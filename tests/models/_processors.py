@@ -109,30 +109,44 @@ def _qwen_parts(words, system: str = ""):
     return tok, image_processor
 
 
+def qwen2_5_vl_parts(words: list[str], *, text: dict | None = None, vision: dict | None = None,
+                     image: dict | None = None):
+    """(processor, config) of :func:`save_qwen2_5_vl`: ``text`` and ``vision`` update the tiny configs, ``image``
+    the image processor's patch and pixel settings (the trainers benchmark takes Qwen2.5-VL-3B's widths)."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLProcessor, Qwen2VLImageProcessor, Qwen2VLVideoProcessor
+
+    tok, image_processor = _qwen_parts(words, "You are a helpful assistant .")
+    pixels = {**QWEN_VISION, **QWEN_PIXELS, **(image or {})}
+    if image:
+        image_processor = Qwen2VLImageProcessor(**pixels)
+    video_processor = Qwen2VLVideoProcessor(**{k: pixels[k] for k in QWEN_VISION}, min_pixels=32 * 32,
+                                            max_pixels=64 * 64 * 4)
+    processor = Qwen2_5_VLProcessor(image_processor=image_processor, tokenizer=tok, video_processor=video_processor,
+                                    chat_template=QWEN2_5_VL_CHAT_TEMPLATE)
+    image_id, video, start, end = _ids(tok, *[QWEN_NAMED[k] for k in ("image_token", "video_token",
+                                                                     "vision_start_token", "vision_end_token")])
+    text_cfg = dict(**TEXT, vocab_size=len(tok), rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                                  "mrope_section": [2, 1, 1]},
+                    pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=None)
+    text_cfg.update(text or {})
+    vision_cfg = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=text_cfg["hidden_size"],
+                      patch_size=pixels["patch_size"], spatial_merge_size=pixels["merge_size"],
+                      temporal_patch_size=pixels["temporal_patch_size"], window_size=32, fullatt_block_indexes=[0])
+    vision_cfg.update(vision or {})
+    cfg = Qwen2_5_VLConfig(text_config=text_cfg, vision_config=vision_cfg, image_token_id=image_id,
+                           video_token_id=video, vision_start_token_id=start, vision_end_token_id=end)
+    return processor, cfg
+
+
 def save_qwen2_5_vl(dir, words: list[str]) -> str:
     """``Qwen2_5_VLProcessor`` (``Qwen2VLImageProcessor``: dynamic resolution, ``image_grid_thw``,
     ``mm_token_type_ids``) and a tiny ``Qwen2_5_VLForConditionalGeneration``."""
-    from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor,
-                              Qwen2VLVideoProcessor)
+    from transformers import Qwen2_5_VLForConditionalGeneration
 
-    tok, image_processor = _qwen_parts(words, "You are a helpful assistant .")
-    video_processor = Qwen2VLVideoProcessor(**QWEN_VISION, min_pixels=32 * 32, max_pixels=64 * 64 * 4)
-    processor = Qwen2_5_VLProcessor(image_processor=image_processor, tokenizer=tok, video_processor=video_processor,
-                                    chat_template=QWEN2_5_VL_CHAT_TEMPLATE)
-    image, video, start, end = _ids(tok, *[QWEN_NAMED[k] for k in ("image_token", "video_token",
-                                                                  "vision_start_token", "vision_end_token")])
-    cfg = Qwen2_5_VLConfig(
-        text_config=dict(**TEXT, vocab_size=len(tok), rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
-                                                                        "mrope_section": [2, 1, 1]},
-                         pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=None),
-        vision_config=dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=HIDDEN,
-                           patch_size=QWEN_VISION["patch_size"], spatial_merge_size=QWEN_VISION["merge_size"],
-                           temporal_patch_size=QWEN_VISION["temporal_patch_size"], window_size=32,
-                           fullatt_block_indexes=[0]),
-        image_token_id=image, video_token_id=video, vision_start_token_id=start, vision_end_token_id=end)
+    processor, cfg = qwen2_5_vl_parts(words)
     torch.manual_seed(0)
     model = Qwen2_5_VLForConditionalGeneration._from_config(cfg, dtype=torch.float32)
-    return _finish(model, processor, tok, dir, list(QWEN_NAMED.values()))
+    return _finish(model, processor, processor.tokenizer, dir, list(QWEN_NAMED.values()))
 
 
 def save_qwen3_vl(dir, words: list[str]) -> str:
