@@ -138,7 +138,7 @@ class TrainConfig:
 
 def loss_module(cfg: TrainConfig) -> DAMOLoss:
     preset, loss_type = LOSSES[cfg.loss]
-    return DAMOLoss(beta=cfg.beta, preset=preset, seed=cfg.seed, loss_type=loss_type, **cfg.damo)
+    return DAMOLoss(cfg.beta, DAMOConfig.from_preset(preset, loss_type=loss_type, **cfg.damo), seed=cfg.seed)
 
 
 def deepspeed_config(cfg: TrainConfig) -> dict:
@@ -490,7 +490,7 @@ class Trainer:
         total = loss.detach().clone()
         if self.world > 1:
             torch.distributed.all_reduce(total)
-        m = out.metrics
+        m = out
         values = torch.stack([t.float() for t in (
             total, m.chosen_rewards.mean(), m.rejected_rewards.mean(), m.margins.mean(), m.accuracies.float().mean(),
             m.alpha_m, m.keep.sum(), m.beta.mean(), m.beta.min(), m.beta.max(), self.loss_fn.running_mean)])
