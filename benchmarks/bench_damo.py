@@ -17,7 +17,8 @@ import torch.nn.functional as TF
 
 import mmalign.functional as F
 from mmalign import _dispatch
-from mmalign.ops.damo_step import CUDA_MAX_N, DAMOConfig, damo_step_reference
+from mmalign.ops.damo_step import DAMOConfig, damo_step_reference
+from mmalign.ops.limits import DAMO_ONE_PROGRAM_MAX_N as CUDA_MAX_N
 
 from conftest import run_case
 
@@ -59,8 +60,8 @@ def _step_fn(provider, alpha_d, device):
         return lambda *lp: damo_step_reference(*lp, 0.1, g, cfg, alpha_d=alpha_d).loss
     g = torch.zeros((), device=device)
     step = torch.zeros((), dtype=torch.int64, device=device)
-    return lambda *lp: F.damo_step(*lp, g, alpha_d=alpha_d, step=step, increment_step=True, inplace=True,
-                                   check_inputs=False, backend=provider).loss
+    return lambda *lp: F.damo_step(*lp, running_mean=g, alpha_d=alpha_d, step=step, increment_step=True,
+                                   inplace=True, check_inputs=False, backend=provider).loss
 
 
 def _launches_and_syncs(fn, leaves, device):

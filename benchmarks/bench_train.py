@@ -24,7 +24,7 @@ import os
 import pytest
 import torch
 
-from mmalign.nn import DAMOLoss
+from mmalign.nn import DAMOConfig, DAMOLoss
 from mmalign.train import PairExample, enable_checkpointing, pair_logps
 
 from conftest import bench_dtype, decoder_dims, decoder_label, run_case
@@ -107,7 +107,7 @@ def test_train_step(benchmark, device, quick, provider):
             loss.backward()
             return loss
     else:
-        loss_fn = DAMOLoss(beta=0.1, preset="damo" if path == "mmalign-damo" else "dpo").to(device)
+        loss_fn = DAMOLoss(0.1, DAMOConfig.from_preset("damo" if path == "mmalign-damo" else "dpo")).to(device)
         share = False if path == "mmalign-2n" else None  # None: the default (shared here)
 
         def step():

@@ -15,7 +15,7 @@
 
 namespace mmalign {
 
-// The kept-set rules (SELECT codes of mmalign/ops/damo_step.py).
+// The kept-set rules (the SELECT codes of mmalign/ops/limits.py: tests/ops/test_limits.py compares).
 enum DamoSelect : int64_t { kSelectAll = 0, kSelectClosest = 1, kSelectClosestSample = 2, kSelectBottom = 3, kSelectTop = 4 };
 
 namespace damo {

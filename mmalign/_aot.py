@@ -62,7 +62,7 @@ def compile_only(cc: int):
 
 def _damo_cases(quick: bool):
     from .ops import damo_step_triton as dt
-    from .ops.damo_step import DAMOConfig, StepInputs
+    from .ops.damo_step import DAMOConfig, kernel_args
 
     configs = [DAMOConfig(), DAMOConfig(selection="topk"), DAMOConfig(variant="paper"),
                DAMOConfig.from_preset("dpo", variant="paper", loss_type="ipo"), DAMOConfig(filter="bottom"),
@@ -72,16 +72,17 @@ def _damo_cases(quick: bool):
             for n in (16, dt.MAX_FUSED_N + 1) if quick else (16, 4096, dt.MAX_FUSED_N + 1):  # last: multi-program
                 lp = [torch.randn(n).to(dtype) for _ in range(4)]
                 g, step = torch.zeros(()), torch.zeros((), dtype=torch.int64)
-                beta = torch.full((n,), 0.1, dtype=dtype) if cfg.variant == "paper" else 0.1
-                x = StepInputs(*lp, beta, torch.rand(n).to(dtype), torch.rand(n).to(dtype), g, g, step, 0, True)
+                beta = torch.full((n,), 0.1, dtype=dtype) if cfg.variant == "paper" else None
+                args = (*lp, beta, 0.1, torch.rand(n).to(dtype), torch.rand(n).to(dtype), g, step, 0, 0,
+                        *kernel_args(cfg, n), True)
                 yield f"damo_step fwd {dtype} n={n} {cfg.variant}/{cfg.select_code()}/{cfg.loss_type}", \
-                    lambda x=x, cfg=cfg: dt.triton_fwd(x, cfg)
+                    lambda args=args: dt.damo_step_fwd_triton(*args)
     for acc in (torch.float32,) if quick else (torch.float32, torch.float64):
-        for gl, gls, scale in ((True, False, False), (False, True, False), (True, True, True)):
+        for gl, gls in ((True, False), (False, True), (True, True)):
             t, one = torch.randn(64, dtype=acc), torch.ones((), dtype=acc)
-            yield f"damo_step bwd {acc} loss={gl} losses={gls} scale={scale}", \
-                lambda t=t, one=one, gl=gl, gls=gls, scale=scale: dt.triton_bwd(
-                    t, t, one if scale else None, one if gl else None, t.expand(64) if gls else None, True)
+            yield f"damo_step bwd {acc} loss={gl} losses={gls}", \
+                lambda t=t, one=one, gl=gl, gls=gls: dt.damo_step_bwd_triton(
+                    t, t, one, one if gl else None, t.expand(64) if gls else None, True)
 
 
 def _logps_cases(quick: bool):
@@ -93,12 +94,12 @@ def _logps_cases(quick: bool):
             y = torch.randint(0, V, (2, 3))
             yield f"token_logps fwd {dtype} V={V}", lambda z=z, y=y: sl._triton_fwd(z, y, -100)
             lse = torch.zeros(2, 3, dtype=sl.acc_dtype(dtype))
-            yield f"token_logps bwd {dtype} V={V}", lambda z=z, y=y, lse=lse: sl._triton_bwd(
-                torch.ones_like(lse), z, y, lse, -100, False)
+            yield f"token_logps bwd {dtype} V={V}", lambda z=z, y=y, lse=lse: sl._triton_bwd_into(
+                torch.empty_like(z), torch.ones_like(lse), z, y, lse, -100)
 
 
 def _attention_cases(quick: bool):
-    from .attention.masked import masked_attention_triton
+    from .attention.masked import _backward, masked_attention_triton
 
     for dtype in (torch.bfloat16, torch.float32) if quick else (torch.bfloat16, torch.float16, torch.float32):
         for D in (64, 80) if quick else (64, 80, 128, 256):
@@ -110,6 +111,11 @@ def _attention_cases(quick: bool):
                 for kw in variants[::2] if quick else variants:
                     yield (f"masked_attention {dtype} D={D} Tq={tq} splits={splits} {sorted(kw)}",
                            lambda q=q, k=k, v=v, kw=kw, s=splits: masked_attention_triton(q, k, v, num_splits=s, **kw))
+                    if splits is None:
+                        lse = torch.zeros(1, 4, tq)
+                        yield (f"masked_attention bwd {dtype} D={D} Tq={tq} {sorted(kw)}",
+                               lambda q=q, k=k, v=v, kw=kw, lse=lse: _backward(
+                                   q, q, k, v, q, lse, kw.get("key_keep"), kw.get("query_scope"), True, 0.125))
 
 
 CASES = {"damo_step": _damo_cases, "sequence_logps": _logps_cases, "masked_attention": _attention_cases}

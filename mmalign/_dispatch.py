@@ -9,7 +9,9 @@ Backends:
 Automatic selection takes the first backend of ``PRIORITY[device type]`` that has no reason against it.
 ``backend=`` (per call) or the ``MMALIGN_BACKEND`` environment variable (``triton`` for every op, or
 ``sequence_logps=cuda,fused_linear_sequence_logps=triton``) forces one; a forced backend that cannot run
-raises :class:`BackendUnavailable` with its reasons. Nothing here touches a GPU at import time.
+raises :class:`BackendUnavailable` with its reasons. Every public function of :mod:`mmalign.functional`
+dispatches under its own name. The choice is made here, before any operator runs: the operators themselves
+(``torch.ops.mmalign.*``) are one per backend and never choose. Nothing here touches a GPU at import time.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from . import _ext, _triton
+from .ops.limits import DAMO_ONE_PROGRAM_MAX_N
 
 BACKENDS = ("triton", "cuda", "cpp", "reference")
 
@@ -41,7 +44,9 @@ class OpSupport:
     """What one op offers: a Triton implementation, and the C++ operators backing ``cpp`` and ``cuda``
     (qualified names, None where there is no such kernel). ``cuda_auto_max_n``: automatic selection takes
     the CUDA C++ kernel only for batches of at most that many rows (None: any size); past it the next
-    backend of PRIORITY runs. Asked for (``backend="cuda"``, ``MMALIGN_BACKEND``) it runs at any size."""
+    backend of PRIORITY runs. Asked for (``backend="cuda"``, ``MMALIGN_BACKEND``) it runs up to
+    ``cuda_max_n``, the most rows the CUDA C++ kernel can hold (None: no limit); past that, "cuda" (asked for
+    or not) runs the op's Triton kernels, whose multi-program path takes any size."""
 
     triton: bool
     cpp: str | None
@@ -49,23 +54,26 @@ class OpSupport:
     dtypes: tuple = FLOATS
     triton_dtypes: tuple = FLOATS
     cuda_auto_max_n: int | None = None
+    cuda_max_n: int | None = None
 
 
-# The table. fused_linear_sequence_logps runs its per-chunk log-prob kernel through the same backends;
+# The table. The four log-prob functions run the same per-token kernels (the fused-linear ones chunk by chunk);
 # preference_loss runs through the DAMO step kernel (no filter, alpha = 1). The CUDA C++ DAMO step kernel
-# (csrc/cuda/damo_step.cu, one thread block, at most 8192 pairs) passed every GPU test on an H100 and is
-# faster than Triton for small batches, slower for large ones (it ranks by counting, O(N^2 / threads)):
-# benchmarks/results/NVIDIA-H100-80GB-HBM3-2026-11-23-7d5fd4e, damo_step fwd 0.070 vs 0.260 ms at N=16,
-# 0.158 vs 0.310 at 256, 1.505 vs 0.352 at 4096. Without a selection (preference_loss) it was faster at
-# every size measured (16, 256, 4096).
+# (csrc/cuda/damo_step.cu, one thread block, at most DAMO_ONE_PROGRAM_MAX_N pairs) passed every GPU test on an
+# H100 and is faster than Triton for small batches, slower for large ones (it ranks by counting, O(N^2 /
+# threads)): benchmarks/results/NVIDIA-H100-80GB-HBM3-2026-11-23-7d5fd4e, damo_step fwd 0.070 vs 0.260 ms at
+# N=16, 0.158 vs 0.310 at 256, 1.505 vs 0.352 at 4096. Without a selection (preference_loss) it was faster at
+# every size measured (16, 256, 4096), so it runs up to its limit.
+_LOGPS = OpSupport(triton=True, cpp="mmalign::token_logps_fwd", cuda="mmalign::token_logps_fwd")
 TABLE: dict[str, OpSupport] = {
-    "sequence_logps": OpSupport(triton=True, cpp="mmalign::token_logps_fwd", cuda="mmalign::token_logps_fwd"),
-    "fused_linear_sequence_logps": OpSupport(triton=True, cpp="mmalign::token_logps_fwd",
-                                             cuda="mmalign::token_logps_fwd"),
+    "token_logps": _LOGPS,
+    "sequence_logps": _LOGPS,
+    "fused_linear_token_logps": _LOGPS,
+    "fused_linear_sequence_logps": _LOGPS,
     "preference_loss": OpSupport(triton=True, cpp="mmalign::damo_step_fwd", cuda="mmalign::damo_step_fwd",
-                                 cuda_auto_max_n=8192),
+                                 cuda_max_n=DAMO_ONE_PROGRAM_MAX_N),
     "damo_step": OpSupport(triton=True, cpp="mmalign::damo_step_fwd", cuda="mmalign::damo_step_fwd",
-                           cuda_auto_max_n=256),
+                           cuda_auto_max_n=256, cuda_max_n=DAMO_ONE_PROGRAM_MAX_N),
     # tl.dot has no float64: float64 (the tests' exactness checks) runs the SDPA reference.
     "masked_attention": OpSupport(triton=True, cpp=None, cuda=None,
                                   triton_dtypes=(torch.float32, torch.float16, torch.bfloat16)),
@@ -152,20 +160,38 @@ def _raw_env(name: str):
 def select(op: str, device, dtype: torch.dtype, backend: str | None = None, n: int | None = None) -> str:
     """The backend that runs ``op`` on (device, dtype) for ``n`` rows (None: any): ``backend`` if given,
     else ``MMALIGN_BACKEND``, else the first of ``PRIORITY`` that can run (the CUDA kernel only up to the
-    op's ``cuda_auto_max_n``). A forced backend that cannot run raises. The answer is cached per (op,
-    device, dtype, backend, past cuda_auto_max_n, MMALIGN_BACKEND, TRITON_INTERPRET); the key holds the
-    device itself (hashing a torch.device is ~8x cheaper than reading its ``.type``)."""
-    limit = TABLE[op].cuda_auto_max_n if op in TABLE else None
-    return _select(op, device, dtype, backend, n is not None and limit is not None and n > limit,
-                   _raw_env("MMALIGN_BACKEND"), _raw_env("TRITON_INTERPRET"))
+    op's ``cuda_auto_max_n``); "cuda" for more rows than the op's ``cuda_max_n`` becomes "triton". A forced
+    backend that cannot run raises. The answer is cached per (op, device, dtype, backend, past
+    cuda_auto_max_n, past cuda_max_n, MMALIGN_BACKEND, TRITON_INTERPRET); the key holds the device itself
+    (hashing a torch.device is ~8x cheaper than reading its ``.type``)."""
+    sup = TABLE.get(op)
+    past_auto = n is not None and sup is not None and sup.cuda_auto_max_n is not None and n > sup.cuda_auto_max_n
+    past_max = n is not None and sup is not None and sup.cuda_max_n is not None and n > sup.cuda_max_n
+    if torch.compiler.is_compiling():
+        return _select_while_compiling(op, device, dtype, backend, past_auto or past_max, past_max)
+    return _select(op, device, dtype, backend, past_auto or past_max, past_max, _raw_env("MMALIGN_BACKEND"),
+                   _raw_env("TRITON_INTERPRET"))
+
+
+# torch.compile calls this once per compilation and takes the answer as a constant (it reads the environment, the
+# extension's registry and Triton: nothing a graph can hold): the compiled graph holds the chosen backend's
+# operators, and the choice is never inside it.
+@torch.compiler.assume_constant_result
+def _select_while_compiling(op: str, device, dtype: torch.dtype, backend, too_big_for_cuda: bool,
+                            past_cuda_kernel: bool) -> str:
+    return _select(op, device, dtype, backend, too_big_for_cuda, past_cuda_kernel, _raw_env("MMALIGN_BACKEND"),
+                   _raw_env("TRITON_INTERPRET"))
 
 
 @functools.lru_cache(maxsize=1024)
-def _select(op: str, device, dtype: torch.dtype, backend, too_big_for_cuda: bool, _env, _interp) -> str:
+def _select(op: str, device, dtype: torch.dtype, backend, too_big_for_cuda: bool, past_cuda_kernel: bool, _env,
+            _interp) -> str:
     forced, source = (backend, "backend=") if backend is not None else (_forced(op), "MMALIGN_BACKEND")
     if forced is not None:
         if forced not in BACKENDS:
             raise ValueError(f"{source}: expected one of {BACKENDS}, got {forced!r}")
+        if forced == "cuda" and past_cuda_kernel:  # the same op's Triton kernels take any size
+            forced, source = "triton", f"{source}cuda, past the CUDA kernel's {TABLE[op].cuda_max_n} rows"
         reasons = not_supported_reasons(op, forced, device, dtype)
         if reasons:
             raise BackendUnavailable(f"{op}: backend {forced!r} (from {source}) cannot run on "

@@ -110,3 +110,64 @@ def test_host_helpers_match_triton():
         for d in (1, 16, 64, 128, 1024):
             assert _triton.cdiv(n, d) == triton.cdiv(n, d)
     assert _triton.cdiv(0, 16) == 0
+
+
+def test_every_public_function_dispatches_under_its_own_name(monkeypatch):
+    """MMALIGN_BACKEND=<op>=... reaches that function alone: token_logps is not sequence_logps, nor the fused-linear
+    pair each other."""
+    z, y = torch.randn(1, 2, 5), torch.zeros(1, 2, dtype=torch.long)
+    h, w = torch.randn(1, 2, 3), torch.randn(5, 3)
+    calls = {
+        "token_logps": lambda: F.token_logps(z, y),
+        "sequence_logps": lambda: F.sequence_logps(z, y),
+        "fused_linear_token_logps": lambda: F.fused_linear_token_logps(h, w, y),
+        "fused_linear_sequence_logps": lambda: F.fused_linear_sequence_logps(h, w, y),
+    }
+    for forced in calls:
+        monkeypatch.setenv("MMALIGN_BACKEND", f"{forced}=cuda")  # cannot run on CPU tensors: raises, naming the op
+        for name, call in calls.items():
+            if name == forced:
+                with pytest.raises(BackendUnavailable, match=f"^{name}: backend 'cuda'"):
+                    call()
+            else:
+                call()
+    assert set(calls) | {"preference_loss", "damo_step", "masked_attention"} == set(_dispatch.TABLE)
+
+
+def test_past_the_cuda_kernels_size_cuda_runs_triton(monkeypatch):
+    """The CUDA C++ DAMO kernel holds at most DAMO_ONE_PROGRAM_MAX_N pairs (one thread block): past that, "cuda",
+    asked for or chosen, is "triton" (the choice happens here, in _dispatch, not in the op); automatic choice takes
+    it up to cuda_auto_max_n. (Every backend declared runnable: the rule alone, on any machine.)"""
+    from mmalign.ops.limits import DAMO_ONE_PROGRAM_MAX_N as LIMIT
+
+    monkeypatch.setattr(_dispatch, "not_supported_reasons", lambda *a: [])
+    monkeypatch.delenv("MMALIGN_BACKEND", raising=False)
+    _dispatch._select.cache_clear()
+    try:
+        sel = lambda op, n, **kw: _dispatch.select(op, "cuda", torch.float32, n=n, **kw)  # noqa: E731
+        assert [sel("damo_step", n, backend="cuda") for n in (1, LIMIT, LIMIT + 1)] == ["cuda", "cuda", "triton"]
+        assert [sel("preference_loss", n) for n in (16, LIMIT, LIMIT + 1)] == ["cuda", "cuda", "triton"]
+        assert [sel("damo_step", n) for n in (256, 257)] == ["cuda", "triton"]
+        assert sel("damo_step", LIMIT + 1, backend="triton") == "triton"
+        assert sel("sequence_logps", 10 * LIMIT, backend="cuda") == "cuda"  # no such limit
+        monkeypatch.setenv("MMALIGN_BACKEND", "damo_step=cuda")
+        assert sel("damo_step", LIMIT + 1) == "triton"
+    finally:
+        _dispatch._select.cache_clear()
+
+
+def test_no_gpu_query_at_import():
+    """Importing mmalign (every operator registered) asks CUDA nothing: a fresh interpreter with the CUDA queries
+    made to raise imports the package and lists its operators."""
+    import subprocess
+    import sys
+
+    code = ("import torch\n"
+            "def no(*a, **k): raise AssertionError('GPU queried at import')\n"
+            "torch.cuda.is_available = torch.cuda.device_count = torch.cuda.get_device_properties = no\n"
+            "torch.cuda.current_device = torch.cuda.init = no\n"
+            "import mmalign, mmalign.functional, mmalign.nn\n"
+            "print(sorted(n for n in torch._C._dispatch_get_all_op_names() if n.startswith('mmalign::')))\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "'mmalign::damo_step_triton'" in proc.stdout and "'mmalign::masked_attention_triton'" in proc.stdout

@@ -23,7 +23,8 @@ using std::isfinite;
 
 constexpr int kThreads = 1024;
 constexpr int kItems = 8;
-constexpr int64_t kMaxN = int64_t(kThreads) * kItems;  // 8192, as one Triton program (MAX_FUSED_N)
+// mmalign/ops/limits.py DAMO_ONE_PROGRAM_MAX_N (8192), as one Triton program: tests/ops/test_limits.py compares
+constexpr int64_t kMaxN = int64_t(kThreads) * kItems;
 
 template <typename scalar_t, typename acc_t>
 struct StepParams {

@@ -17,15 +17,24 @@ blocks whose queries are all scoped (always, without ``query_scope``) it walks a
 kept key indices, so the cost falls with the share of hidden keys, down to the cost of attention
 over the compacted sequence; other query blocks walk all keys with the mask. Decode (few query rows,
 long caches) splits the keys over ``num_splits`` programs and merges their partial softmaxes.
-Forward only: the reference backend (SDPA with the equivalent boolean mask) has autograd.
+
+Backward (FlashAttention-2 style, recomputing the probabilities from the forward's log-sum-exp): one kernel per
+key block accumulates dK and dV over the query blocks that can see it, one per query block accumulates dQ; both
+walk every key with the mask. The operator ``mmalign::masked_attention_triton`` (forward, with the backward
+registered as its autograd formula through ``mmalign::masked_attention_bwd_triton``) runs them; the reference
+backend is SDPA with the equivalent boolean mask and autograd.
 """
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
+from torch import Tensor
 
+from .. import _dispatch
 from .._triton import cdiv, next_power_of_2, tl, triton
+from ..ops._library import operator
 
 LOG2E = 1.4426950408889634
 
@@ -151,6 +160,134 @@ def _masked_attn_fwd_kernel(
     tl.store(LSE + (split * tl.num_programs(1) + bh) * Tq + offs_m, lse, mask=row_ok)
 
 
+@triton.jit
+def _visible(offs_m, offs_n, Tq, Tk, diag, KEEP, SCOPE, b, CAUSAL: tl.constexpr, HAS_KEEP: tl.constexpr,
+             HAS_SCOPE: tl.constexpr):
+    """(BLOCK_M, BLOCK_N): key offs_n visible to query offs_m (the module docstring's rule), False out of range."""
+    vis = (offs_m[:, None] < Tq) & (offs_n[None, :] < Tk)
+    if CAUSAL:
+        vis = vis & (offs_n[None, :] <= offs_m[:, None] + diag)
+    if HAS_KEEP:
+        keep = (tl.load(KEEP + b * Tk + offs_n, mask=offs_n < Tk, other=0) != 0)[None, :]
+        if HAS_SCOPE:
+            scoped = tl.load(SCOPE + b * Tq + offs_m, mask=offs_m < Tq, other=1) != 0
+            keep = keep | (scoped[:, None] == 0)
+        vis = vis & keep
+    return vis
+
+
+@triton.jit
+def _probabilities(q, k, lse, vis, DOT_PRECISION: tl.constexpr):
+    """p = softmax row values recomputed from the forward's log2-domain log-sum-exp; 0 where not visible (rows
+    that saw no key have lse = -inf and no visible key)."""
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+    lse_safe = tl.where(lse == float("-inf"), 0.0, lse)
+    return tl.where(vis, tl.math.exp2(s - lse_safe[:, None]), 0.0)
+
+
+@triton.jit
+def _program_head(Hq, group):
+    """(b * Hq + h, b, h, the K/V head of h) of this program (axis 1 of the grid)."""
+    bh = tl.program_id(1).to(tl.int64)
+    h = bh % Hq
+    return bh, bh // Hq, h, h // group
+
+
+@triton.jit
+def _scaled_q(Q, offs_m, offs_d, row_ok, D, stride_qt, qk_scale):
+    """(q, q * scale * log2(e) in q's dtype, as the forward multiplies it)."""
+    q = tl.load(Q + offs_m[:, None] * stride_qt + offs_d[None, :], mask=row_ok[:, None] & (offs_d[None, :] < D),
+                other=0.0)
+    return q, (q.to(tl.float32) * qk_scale).to(Q.dtype.element_ty)
+
+
+@triton.jit
+def _masked_attn_bwd_dkdv_kernel(
+        Q, K, V, DO, LSE, DELTA, KEEP, SCOPE, DK, DV,
+        stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
+        stride_dob, stride_doh, stride_dot, stride_dkb, stride_dkh, stride_dkt,
+        Hq, group, Tq, Tk, D, qk_scale, sm_scale,
+        CAUSAL: tl.constexpr, HAS_KEEP: tl.constexpr, HAS_SCOPE: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """One block of keys of one query head: dV = sum_i p_ij dO_i, dK = scale sum_i p_ij (dO_i.v_j - delta_i) q_i,
+    over the query blocks that can see it. DK, DV are per query head (B, Hq, Tk, D) float32 (GQA: summed over
+    the group by the launcher)."""
+    bh, b, h, hk = _program_head(Hq, group)
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    kv_mask = (offs_n[:, None] < Tk) & (offs_d[None, :] < D)
+    k = tl.load(K + b * stride_kb + hk * stride_kh + offs_n[:, None] * stride_kt + offs_d[None, :], mask=kv_mask,
+                other=0.0)
+    v = tl.load(V + b * stride_vb + hk * stride_vh + offs_n[:, None] * stride_vt + offs_d[None, :], mask=kv_mask,
+                other=0.0)
+    Q += b * stride_qb + h * stride_qh
+    DO += b * stride_dob + h * stride_doh
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    diag = Tk - Tq
+    lo = 0
+    if CAUSAL:  # query i sees key j from i = j - diag on
+        lo = tl.maximum(tl.program_id(0) * BLOCK_N - diag, 0) // BLOCK_M * BLOCK_M
+    for m0 in range(lo, Tq, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        row_ok = offs_m < Tq
+        q, qs = _scaled_q(Q, offs_m, offs_d, row_ok, D, stride_qt, qk_scale)
+        do = tl.load(DO + offs_m[:, None] * stride_dot + offs_d[None, :],
+                     mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+        lse = tl.load(LSE + bh * Tq + offs_m, mask=row_ok, other=0.0)
+        delta = tl.load(DELTA + bh * Tq + offs_m, mask=row_ok, other=0.0)
+        vis = _visible(offs_m, offs_n, Tq, Tk, diag, KEEP, SCOPE, b, CAUSAL, HAS_KEEP, HAS_SCOPE)
+        p = _probabilities(qs, k.to(qs.dtype), lse, vis, DOT_PRECISION)
+        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PRECISION)
+        dp = tl.dot(do, tl.trans(v.to(do.dtype)), input_precision=DOT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PRECISION)
+    out = DK + b * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dkt + offs_d[None, :]
+    tl.store(out, dk * sm_scale, mask=kv_mask)
+    out = DV + b * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dkt + offs_d[None, :]
+    tl.store(out, dv, mask=kv_mask)
+
+
+@triton.jit
+def _masked_attn_bwd_dq_kernel(
+        Q, K, V, DO, LSE, DELTA, KEEP, SCOPE, DQ,
+        stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
+        stride_dob, stride_doh, stride_dot, stride_dqb, stride_dqh, stride_dqt,
+        Hq, group, Tq, Tk, D, qk_scale, sm_scale,
+        CAUSAL: tl.constexpr, HAS_KEEP: tl.constexpr, HAS_SCOPE: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """One block of queries of one head: dQ = scale sum_j p_ij (dO_i.v_j - delta_i) k_j over its visible keys."""
+    pid_m = tl.program_id(0)
+    bh, b, h, hk = _program_head(Hq, group)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_m < Tq
+    q, qs = _scaled_q(Q + b * stride_qb + h * stride_qh, offs_m, offs_d, row_ok, D, stride_qt, qk_scale)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :],
+                 mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+    lse = tl.load(LSE + bh * Tq + offs_m, mask=row_ok, other=0.0)
+    delta = tl.load(DELTA + bh * Tq + offs_m, mask=row_ok, other=0.0)
+    K += b * stride_kb + hk * stride_kh
+    V += b * stride_vb + hk * stride_vh
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    diag = Tk - Tq
+    hi = Tk
+    if CAUSAL:
+        hi = tl.minimum(Tk, tl.minimum(Tq - 1, pid_m * BLOCK_M + BLOCK_M - 1) + diag + 1)
+    for n0 in range(0, hi, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        kv_mask = (offs_n[:, None] < Tk) & (offs_d[None, :] < D)
+        k = tl.load(K + offs_n[:, None] * stride_kt + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(V + offs_n[:, None] * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0)
+        vis = _visible(offs_m, offs_n, Tq, Tk, diag, KEEP, SCOPE, b, CAUSAL, HAS_KEEP, HAS_SCOPE)
+        p = _probabilities(qs, k.to(qs.dtype), lse, vis, DOT_PRECISION)
+        dp = tl.dot(do, tl.trans(v.to(do.dtype)), input_precision=DOT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(q.dtype), k.to(q.dtype), input_precision=DOT_PRECISION)
+    out = DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqt + offs_d[None, :]
+    tl.store(out, (dq * sm_scale).to(DQ.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < D))
+
+
 # ------------------------------------------------------------------------------------------ launcher
 def _blocks(tq: int, d: int) -> tuple[int, int, int]:
     block_d = max(16, next_power_of_2(d))
@@ -217,21 +354,33 @@ def default_splits(B: int, Hq: int, Tq: int, Tk: int, block_m: int, device) -> i
     return max(1, min(cdiv(2 * sms, programs), Tk // 512, 64))
 
 
-def masked_attention_triton(q, k, v, key_keep=None, *, query_scope=None, causal=True, scale=None, num_splits=None):
+def _mask_arguments(key_keep, query_scope, device):
+    """(keep int8, IDX, COUNT, scope int8) as the kernels take them; placeholders the kernels never read where
+    there is no mask."""
+    if key_keep is None:
+        keep = torch.empty(1, dtype=torch.int32, device=device)
+        return keep, keep, keep, keep
+    keep, idx, count = prepared_keys(key_keep)
+    scope = query_scope.to(torch.int8).contiguous() if query_scope is not None else keep  # unread then
+    return keep, idx, count, scope
+
+
+def _last_dim_contiguous(t: Tensor) -> Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _forward(q, k, v, key_keep, query_scope, causal: bool, scale: float, num_splits: int):
+    """(out (B, Hq, Tq, D) in q's dtype, lse (B, Hq, Tq) float32: the log2-domain log-sum-exp of each row's
+    visible scores, -inf where it sees none)."""
     B, Hq, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
-    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     block_m, block_n, block_d = _blocks(Tq, D)
     splits = num_splits or default_splits(B, Hq, Tq, Tk, block_m, q.device)
     per_split = cdiv(Tk, splits)
     per_split = cdiv(per_split, block_n) * block_n
     splits = cdiv(Tk, per_split) if Tk else 1
-    scale = 1.0 / math.sqrt(D) if scale is None else scale
-    if key_keep is not None:
-        keep, idx, count = prepared_keys(key_keep)
-        scope = query_scope.to(torch.int8).contiguous() if query_scope is not None else keep  # unread then
-    else:  # no mask: the kernel reads none of these
-        keep = idx = count = scope = torch.empty(1, dtype=torch.int32, device=q.device)
+    keep, idx, count, scope = _mask_arguments(key_keep, query_scope, q.device)
     out = torch.empty((splits, B, Hq, Tq, D), dtype=q.dtype if splits == 1 else torch.float32, device=q.device)
     lse = torch.empty((splits, B * Hq, Tq), dtype=torch.float32, device=q.device)
     grid = (cdiv(Tq, block_m), B * Hq, splits)
@@ -243,9 +392,10 @@ def masked_attention_triton(q, k, v, key_keep=None, *, query_scope=None, causal=
         CAUSAL=causal, HAS_KEEP=key_keep is not None, HAS_SCOPE=query_scope is not None,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=4, num_stages=2)
+    lse = lse.view(splits, B, Hq, Tq)
     if splits == 1:
-        return out[0]
-    return merge_splits(out, lse.view(splits, B, Hq, Tq)).to(q.dtype)
+        return out[0], lse[0]
+    return merge_splits(out, lse).to(q.dtype), merge_lse(lse)
 
 
 def merge_splits(out: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
@@ -255,6 +405,96 @@ def merge_splits(out: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
     w = torch.exp2(lse - top)  # 0 for splits that saw no key
     total = w.sum(0)
     return (w.unsqueeze(-1) * out).sum(0) / torch.where(total == 0, 1.0, total).unsqueeze(-1)
+
+
+def merge_lse(lse: torch.Tensor) -> torch.Tensor:
+    """The log2 log-sum-exp of whole rows from the splits' (S, B, H, Tq); -inf where no split saw a key."""
+    top = lse.max(0).values
+    top = torch.where(torch.isinf(top), torch.zeros_like(top), top)
+    return top + torch.log2(torch.exp2(lse - top).sum(0))
+
+
+def _bwd_blocks(d: int) -> tuple[int, int, int]:
+    block_d = max(16, next_power_of_2(d))
+    block = 64 if block_d <= 64 else 32
+    return block, block, block_d
+
+
+def _backward(grad_out, q, k, v, out, lse, key_keep, query_scope, causal: bool, scale: float):
+    B, Hq, Tq, D = q.shape
+    Hkv, Tk = k.shape[1], k.shape[2]
+    q, k, v, do = (_last_dim_contiguous(t) for t in (q, k, v, grad_out))
+    delta = (do.float() * out.float()).sum(-1)  # (B, Hq, Tq): rowsum(dO * O)
+    lse = lse.contiguous()
+    block_m, block_n, block_d = _bwd_blocks(D)
+    keep, _, _, scope = _mask_arguments(key_keep, query_scope, q.device)
+    dq = torch.empty((B, Hq, Tq, D), dtype=q.dtype, device=q.device)
+    dk = torch.empty((B, Hq, Tk, D), dtype=torch.float32, device=q.device)  # per query head
+    dv = torch.empty_like(dk)
+    sq, sk, sv, sd = q.stride(), k.stride(), v.stride(), do.stride()
+    common = (sq[0], sq[1], sq[2], sk[0], sk[1], sk[2], sv[0], sv[1], sv[2], sd[0], sd[1], sd[2])
+    meta = dict(CAUSAL=causal, HAS_KEEP=key_keep is not None, HAS_SCOPE=query_scope is not None, BLOCK_M=block_m,
+                BLOCK_N=block_n, BLOCK_D=block_d, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+                num_warps=4)
+    sizes = (Hq, Hq // Hkv, Tq, Tk, D, scale * LOG2E, scale)
+    _masked_attn_bwd_dkdv_kernel[(cdiv(Tk, block_n), B * Hq)](
+        q, k, v, do, lse, delta, keep, scope, dk, dv, *common, dk.stride(0), dk.stride(1), dk.stride(2), *sizes,
+        **meta)
+    _masked_attn_bwd_dq_kernel[(cdiv(Tq, block_m), B * Hq)](
+        q, k, v, do, lse, delta, keep, scope, dq, *common, dq.stride(0), dq.stride(1), dq.stride(2), *sizes, **meta)
+    group = Hq // Hkv
+    return (dq, dk.view(B, Hkv, group, Tk, D).sum(2).to(k.dtype), dv.view(B, Hkv, group, Tk, D).sum(2).to(v.dtype))
+
+
+# ------------------------------------------------------------------------------------------ operators
+@torch.library.custom_op("mmalign::masked_attention_triton", mutates_args=(),
+                         schema="(Tensor q, Tensor k, Tensor v, Tensor? key_keep, Tensor? query_scope, bool causal, "
+                                "float scale, int num_splits) -> (Tensor, Tensor)")
+def _masked_attention_op(q, k, v, key_keep, query_scope, causal, scale, num_splits):
+    """(out, lse) of the Triton kernels; ``num_splits`` 0: automatic. Differentiable w.r.t. q, k, v through out
+    (the lse output, for the backward, takes no gradient)."""
+    return _forward(q, k, v, key_keep, query_scope, causal, scale, num_splits)
+
+
+@_masked_attention_op.register_fake
+def _masked_attention_fake(q, k, v, key_keep, query_scope, causal, scale, num_splits):
+    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+@torch.library.custom_op("mmalign::masked_attention_bwd_triton", mutates_args=(),
+                         schema="(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+                                "Tensor? key_keep, Tensor? query_scope, bool causal, float scale) "
+                                "-> (Tensor, Tensor, Tensor)")
+def _masked_attention_bwd_op(grad_out, q, k, v, out, lse, key_keep, query_scope, causal, scale):
+    """(dq, dk, dv) of the Triton backward kernels, in the dtypes of q, k, v."""
+    return _backward(grad_out, q, k, v, out, lse, key_keep, query_scope, causal, scale)
+
+
+@_masked_attention_bwd_op.register_fake
+def _masked_attention_bwd_fake(grad_out, q, k, v, out, lse, key_keep, query_scope, causal, scale):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, key_keep, query_scope, causal, scale, _ = inputs
+    ctx.save_for_backward(q, k, v, *output, key_keep, query_scope)
+    ctx.causal, ctx.scale = causal, scale
+
+
+def _autograd_backward(ctx, grad_out, _grad_lse):
+    q, k, v, out, lse, key_keep, query_scope = ctx.saved_tensors
+    dq, dk, dv = torch.ops.mmalign.masked_attention_bwd_triton.default(grad_out, q, k, v, out, lse, key_keep,
+                                                                       query_scope, ctx.causal, ctx.scale)
+    return dq, dk, dv, None, None, None, None, None
+
+
+_masked_attention_op.register_autograd(_autograd_backward, setup_context=_setup_context)
+
+
+def masked_attention_triton(q, k, v, key_keep=None, *, query_scope=None, causal=True, scale=None, num_splits=None):
+    """The Triton backend of :func:`masked_attention` (no argument checks): the operator's output."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    return operator("masked_attention_triton")(q, k, v, key_keep, query_scope, causal, scale, num_splits or 0)[0]
 
 
 # ------------------------------------------------------------------------------------------- public
@@ -305,11 +545,11 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, key_k
     """Causal attention where ``key_keep[b, j] = False`` hides key j of sample b (see the module
     docstring for shapes and the exact rule). Returns (B, Hq, Tq, D) in q's dtype.
 
-    Backends: ``triton`` (CUDA; CPU tensors under ``TRITON_INTERPRET=1``; fp32/fp16/bf16, forward
-    only) and ``reference`` (SDPA with a boolean mask; any float dtype, differentiable). When a gradient
-    is needed the automatic choice is the reference. ``num_splits`` forces the split-KV decode path."""
-    from .. import _dispatch
-
+    Backends: ``triton`` (CUDA; CPU tensors under ``TRITON_INTERPRET=1``; fp32/fp16/bf16; the operator
+    ``mmalign::masked_attention_triton``, with a Triton backward) and ``reference`` (SDPA with a boolean mask; any
+    float dtype, autograd). When a gradient is needed the automatic choice is the reference (its backward is
+    cuDNN's or FlashAttention's; ``backend="triton"`` runs the Triton backward). ``num_splits`` forces the
+    split-KV decode path."""
     if isinstance(key_keep, torch.Tensor) and key_keep.dtype == torch.uint8:  # a packed bitmask
         want = (q.shape[0], (k.shape[2] + 7) // 8)
         if tuple(key_keep.shape) != want:
@@ -322,8 +562,5 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, key_k
     name = _dispatch.select("masked_attention", q.device, q.dtype, backend)
     if name == "reference":
         return masked_attention_reference(q, k, v, key_keep, query_scope=query_scope, causal=causal, scale=scale)
-    if needs_grad:
-        raise _dispatch.BackendUnavailable("masked_attention: the triton backend has no backward; "
-                                           "use backend='reference' for gradients")
     return masked_attention_triton(q, k, v, key_keep, query_scope=query_scope, causal=causal, scale=scale,
                                    num_splits=num_splits)

@@ -57,10 +57,10 @@ def patch_sequence_logps(model, *, ignore_index: int = -100) -> Callable[[], Non
         for name in ("use_cache", "num_items_in_batch", "logits_to_keep"):
             kwargs.pop(name, None)
         hidden = adapter.final_hidden(original, *args, use_cache=False, **kwargs)
-        out = F.fused_linear_sequence_logps(hidden[:, :-1], head.weight, labels[:, 1:], bias=head.bias,
-                                            ignore_index=ignore_index, return_token_logps=True, **transform)
+        tok = F.fused_linear_token_logps(hidden[:, :-1], head.weight, labels[:, 1:], bias=head.bias,
+                                         ignore_index=ignore_index, **transform)
         count = (labels[:, 1:] != ignore_index).sum().clamp_min(1)
-        return FusedLogpsOutput(log_probs=out.token_logps, logps=out.logps, loss=-out.token_logps.sum() / count)
+        return FusedLogpsOutput(log_probs=tok, logps=tok.sum(-1), loss=-tok.sum() / count)
 
     model.forward = forward
 

@@ -5,7 +5,7 @@ official and paper variants) and whose log-probs come from mmalign's fused op
 Trainer loop, accelerate/DeepSpeed, logging) is TRL's.
 
     trainer = DAMODPOTrainer(model=model, ref_model=ref, args=DPOConfig(...), train_dataset=ds,
-                             processing_class=tokenizer, damo_loss=DAMOLoss(beta=0.1, preset="damo"))
+                             processing_class=tokenizer, damo_loss=DAMOLoss(0.1, DAMOConfig.from_preset("damo")))
     trainer.train()
 
 Notes: α_D is not used here (TRL's collator drops extra columns; use ``mmalign train`` for d2po/damo with
@@ -37,7 +37,7 @@ _NOT_MODEL = {"completion_mask", "ref_chosen_logps", "ref_rejected_logps"}
 class DAMODPOTrainer(DPOTrainer):
     def __init__(self, *args, damo_loss: DAMOLoss | None = None, **kwargs):
         super().__init__(*args, **kwargs)
-        self.damo_loss = (damo_loss or DAMOLoss(beta=self.beta, preset="damo")).to(self.accelerator.device)
+        self.damo_loss = (damo_loss or DAMOLoss(self.beta)).to(self.accelerator.device)
         refuse_unread_options(self.args, self.damo_loss)
         base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         patch_sequence_logps(base)  # on top of TRL's fused head: ours answers fused_lm_head=True
@@ -70,10 +70,13 @@ class DAMODPOTrainer(DPOTrainer):
             raise ValueError("DAMODPOTrainer needs a reference: pass ref_model, precompute_ref_log_probs=True, or a "
                              "PEFT model (its base model is the reference)")
         self.damo_loss.train(mode == "train")  # eval batches use the running mean without updating it
-        out = self.damo_loss(chosen.float(), rejected.float(), ref_chosen.float(), ref_rejected.float())
         world = self.accelerator.num_processes
+        # the statistics of the step are those of the global batch: every rank's pairs (SPEC.md §3); the group is
+        # named, never implied by an initialized torch.distributed
+        group = torch.distributed.group.WORLD if world > 1 else None
+        out = self.damo_loss(chosen.float(), rejected.float(), ref_chosen.float(), ref_rejected.float(), group=group)
         loss = out.loss * world  # each rank holds its share of the global loss; gradients are averaged over ranks
-        m, gather = out.metrics, self.accelerator.gather_for_metrics
+        m, gather = out, self.accelerator.gather_for_metrics
         metrics = self._metrics[mode]
         metrics["rewards/chosen"].append(gather(m.chosen_rewards).mean().item())
         metrics["rewards/rejected"].append(gather(m.rejected_rewards).mean().item())

@@ -1,5 +1,7 @@
-"""The model-aware DAMO step (SPEC.md sections 2, 3 and 5): configuration, eager reference, C++ launcher.
-The Triton kernels (one launch up to 8192 pairs, a multi-program path beyond) are in damo_step_triton.
+"""The model-aware DAMO step (SPEC.md sections 2, 3 and 5): configuration, output, eager reference, and the call
+of each backend's operator (``mmalign::damo_step``, C++ with C++ autograd; ``mmalign::damo_step_triton``, whose
+kernels are in :mod:`mmalign.ops.damo_step_triton`). Which backend runs is decided by the caller
+(:mod:`mmalign._dispatch`), never here.
 
 Per pair i of a batch of N (log-ratios logr_w, logr_l, margin u = logr_w - logr_l):
 
@@ -38,7 +40,11 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from .preference_loss import LOSS_TYPES, pair_loss_reference
+from .damo_step_triton import KernelArgs  # (the module defines the operator mmalign::damo_step_triton)
+from ._library import bump_versions, operator
+from .limits import (LOSS_TYPES, OFFICIAL_MIN_BETA, SELECT_ALL, SELECT_BOTTOM, SELECT_CLOSEST, SELECT_CLOSEST_SAMPLE,
+                     SELECT_TOP)
+from .preference_loss import check_loss, pair_loss_reference
 
 # ----------------------------------------------------------------------------------------------------
 # Configuration
@@ -54,15 +60,12 @@ PRESETS = {
     "mdpo": dict(use_alpha_m=True, use_alpha_d=False),
     "damo": dict(use_alpha_m=True, use_alpha_d=True),
 }
-OFFICIAL_MIN_BETA = 1e-3
-
-# kernel codes
-SELECT_ALL, SELECT_CLOSEST, SELECT_CLOSEST_SAMPLE, SELECT_BOTTOM, SELECT_TOP = range(5)
-
 
 @dataclass(frozen=True, eq=False)
 class DAMOConfig:
-    """Everything that decides the DAMO step but the data. See the module docstring and SPEC.md §3/§5."""
+    """Everything that decides the DAMO step but the data (see the module docstring and SPEC.md §3/§5). Build one
+    with the fields themselves (``DAMOConfig(variant="paper", keep=12)``, checked when used) or from a preset of
+    SPEC.md §5 (``DAMOConfig.from_preset("mdpo", selection="topk")``, checked at once)."""
 
     variant: str = "official"
     selection: str = "sample"
@@ -130,7 +133,7 @@ class DAMOConfig:
                 raise ValueError(f"{name}: has no effect here{where}: {why}")
 
     def validate(self) -> None:
-        _validate(self)
+        _cached(_validate)(self)
 
     def _check(self) -> None:
         for name, allowed in (("variant", VARIANTS), ("selection", SELECTIONS), ("filter", FILTERS),
@@ -148,11 +151,7 @@ class DAMOConfig:
             raise ValueError(f"gamma: expected a value in [0, 1), got {self.gamma!r}")
         if not 0.0 <= self.rho <= 1.0:
             raise ValueError(f"rho: expected a value in [0, 1], got {self.rho!r}")
-        if not 0.0 <= self.label_smoothing < 0.5:
-            raise ValueError(f"label_smoothing: expected a value in [0, 0.5), got {self.label_smoothing!r}")
-        if self.label_smoothing and self.loss_type != "sigmoid":
-            raise ValueError(f"label_smoothing: only loss_type='sigmoid' smooths labels (SPEC.md section 2), got "
-                             f"label_smoothing={self.label_smoothing} with loss_type={self.loss_type!r}")
+        check_loss(self.loss_type, self.label_smoothing)
 
     def k(self, n: int) -> int:
         """Number of kept pairs for a batch of n."""
@@ -182,28 +181,32 @@ def _from_preset(preset, overrides: tuple) -> DAMOConfig:
     return DAMOConfig._build(preset, {k: v for k, _, v in overrides})
 
 
+def _cached(fn):
+    """An lru_cache'd function, or the function it wraps while torch.compile traces (Dynamo would trace through
+    the cache anyway, with a warning): the cache saves Python time on every eager step, a trace runs once."""
+    return fn.__wrapped__ if torch.compiler.is_compiling() else fn
+
+
 @functools.lru_cache(maxsize=256)
 def _validate(cfg: DAMOConfig) -> None:  # configurations are frozen: check each one once
     cfg._check()
 
 
-class DAMOMetrics(NamedTuple):
-    """Per-step metrics of :func:`mmalign.functional.damo_step` (detached, except ``losses``)."""
+class DAMOStepOutput(NamedTuple):
+    """Result of :func:`mmalign.functional.damo_step` and :class:`mmalign.nn.DAMOLoss`. The first six fields are
+    those of :class:`mmalign.ops.preference_loss.PreferenceLossOutput`, in the same order; all but ``loss`` and
+    ``losses`` are detached."""
 
+    loss: torch.Tensor  # 0-dim, (weighted) mean over S; differentiable w.r.t. the four log-probs
+    losses: torch.Tensor  # (N,) per-pair losses l(beta_i, u_i) (all pairs, kept or not), differentiable
+    chosen_rewards: torch.Tensor  # (N,) beta_i * logr_w
+    rejected_rewards: torch.Tensor  # (N,) beta_i * logr_l
+    margins: torch.Tensor  # (N,) chosen_rewards - rejected_rewards
+    accuracies: torch.Tensor  # (N,) bool, chosen_rewards > rejected_rewards
     keep: torch.Tensor  # (N,) bool, the kept set S
     alpha_m: torch.Tensor  # 0-dim, model-aware factor (1 when unused)
     beta: torch.Tensor  # (N,) per-pair beta_i used in the loss
-    chosen_rewards: torch.Tensor  # (N,) beta_i * logr_w
-    rejected_rewards: torch.Tensor  # (N,) beta_i * logr_l
-    margins: torch.Tensor  # (N,)
-    accuracies: torch.Tensor  # (N,) bool
-    losses: torch.Tensor  # (N,) per-pair losses l(beta_i, u_i) (all pairs, kept or not), differentiable
-
-
-class DAMOStep(NamedTuple):
-    loss: torch.Tensor  # 0-dim, differentiable w.r.t. the policy (and reference) log-probs
-    running_mean: torch.Tensor  # 0-dim float32, the updated g
-    metrics: DAMOMetrics
+    running_mean: torch.Tensor  # 0-dim float32, the updated g (the argument itself when updated in place)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -239,7 +242,7 @@ def _top_k_mask(key: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def damo_step_reference(pc, pr, rc, rr, beta, running_mean, cfg: DAMOConfig, *, alpha_d=None, weights=None,
-                        seed: int = 0, step: int = 0) -> DAMOStep:
+                        seed: int = 0, step: int = 0) -> DAMOStepOutput:
     """The DAMO step, eager. Inputs (N,) log-probs; beta float or (N,); running_mean 0-dim; alpha_d,
     weights (N,) or None. Differentiable w.r.t. the log-probs."""
     logr_w, logr_l = pc - rc, pr - rr
@@ -292,8 +295,8 @@ def damo_step_reference(pc, pr, rc, rr, beta, running_mean, cfg: DAMOConfig, *, 
         loss, losses = loss * nan, losses * nan  # NaN gradients too
         keep = torch.zeros_like(keep)
         g_new = g
-    metrics = DAMOMetrics(keep, a_m.detach(), beta_i, r_w, r_l, r_w - r_l, r_w > r_l, losses)
-    return DAMOStep(loss, g_new.detach().to(running_mean.dtype), metrics)
+    return DAMOStepOutput(loss, losses, r_w, r_l, r_w - r_l, r_w > r_l, keep, a_m.detach(), beta_i,
+                          g_new.detach().to(running_mean.dtype))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -317,75 +320,46 @@ class StepInputs(NamedTuple):
     check: bool = False  # C++ only: raise on non-finite inputs or beta <= 0 (Triton: checked by the caller)
 
 
-class StepOutputs(NamedTuple):
-    """What every backend returns (the order of the mmalign::damo_step operator's outputs)."""
-
-    loss: torch.Tensor
-    losses: torch.Tensor
-    keep: torch.Tensor
-    beta: torch.Tensor
-    chosen_rewards: torch.Tensor
-    rejected_rewards: torch.Tensor
-    margins: torch.Tensor
-    accuracies: torch.Tensor
-    alpha_m: torch.Tensor
-
-
-class KernelArgs(NamedTuple):
-    K: int
-    gamma: float
-    rho: float
-    eps: float
-    min_beta: float
-    paper: bool
-    select: int
-    loss_kind: int
-    use_m: bool
-    combine_sum: bool
+def kernel_args(cfg: DAMOConfig, n: int) -> KernelArgs:
+    """The configuration as the kernels take it, for a batch of n pairs (cached: configs are frozen); raises when
+    the configuration keeps more pairs than n."""
+    return _cached(_kernel_args)(cfg, n)
 
 
 @functools.lru_cache(maxsize=1024)
-def kernel_args(cfg: DAMOConfig, n: int) -> KernelArgs:
-    """The configuration as the kernels take it, for a batch of n pairs (cached: configs are frozen)."""
+def _kernel_args(cfg: DAMOConfig, n: int) -> KernelArgs:
     return KernelArgs(cfg.k(n), float(cfg.gamma), float(cfg.rho), float(cfg.label_smoothing), cfg.min_beta(),
                       cfg.variant == "paper", cfg.select_code(), LOSS_TYPES.index(cfg.loss_type), cfg.use_alpha_m,
                       cfg.combine == "sum")
 
 
-@functools.lru_cache(maxsize=None)
-def _op(name: str):
-    """The C++ operator's callable, without torch.ops' Python-level OpOverloadPacket/OpOverload calls."""
-    overload = getattr(torch.ops.mmalign, name).default
-    return getattr(overload, "_op", overload)
+def plain_loss_kernel_args(n: int, loss_type: str, label_smoothing: float) -> KernelArgs:
+    """The step that is exactly SPEC.md §2's loss: every pair kept, alpha = 1, no beta clamp ("paper" variant
+    without a filter; gamma and rho, which then only touch a running mean nobody reads, at their defaults)."""
+    return KernelArgs(n, 0.9, 0.5, float(label_smoothing), -math.inf, True, SELECT_ALL, LOSS_TYPES.index(loss_type),
+                      False, False)
 
 
-def _cpp_step(x: StepInputs, cfg: DAMOConfig):
-    N = x.pc.shape[0]
+def fused_step(backend: str, x: StepInputs, k: KernelArgs) -> tuple:
+    """One fused step on ``backend`` ("triton", or "cpp" / "cuda": the C++ operator with its C++ autograd) with
+    the kernel arguments ``k`` (:func:`kernel_args`); x.alpha_d is None unless the configuration uses it.
+    Differentiable w.r.t. x.pc, pr, rc, rr. Returns (loss, losses, keep, beta_i, chosen_rewards, rejected_rewards,
+    margins, accuracies, alpha_M), the outputs of mmalign::damo_step; x.g_out receives the updated running mean.
+    ``backend`` is what mmalign._dispatch.select chose for these inputs (past the CUDA kernel's one thread block
+    it chooses "triton")."""
     beta_t = x.beta if isinstance(x.beta, torch.Tensor) else None
     step_t = x.step if isinstance(x.step, torch.Tensor) else None
-    return _op("damo_step")(
-        x.pc, x.pr, x.rc, x.rr, beta_t.expand(N) if beta_t is not None else None,
-        0.0 if beta_t is not None else float(x.beta), x.alpha_d if cfg.use_alpha_d else None, x.weights,
-        x.g, x.g_out, step_t, 0 if step_t is not None else int(x.step), int(x.seed), *kernel_args(cfg, N),
-        x.incr_step and step_t is not None, x.check)
-
-
-# The CUDA C++ kernel holds the batch in one thread block (csrc/cuda/damo_step.cu).
-CUDA_MAX_N = 8192
-
-
-def fused_step(backend: str, x: StepInputs, cfg: DAMOConfig) -> StepOutputs:
-    """One fused step on ``backend`` ("triton", "cpp" or "cuda": the C++ operator with its C++ autograd);
-    differentiable w.r.t. x.pc, pr, rc, rr. Batches past CUDA_MAX_N run Triton's multi-program path."""
-    if backend == "cuda" and x.pc.shape[0] > CUDA_MAX_N:
-        backend = "triton"
+    beta_s = 0.0 if beta_t is not None else float(x.beta)
+    step_s = 0 if step_t is not None else int(x.step)
+    incr = x.incr_step and step_t is not None
     if backend != "triton":
-        return StepOutputs(*_cpp_step(x, cfg))
-    x = x._replace(pc=x.pc.contiguous(), pr=x.pr.contiguous(), rc=x.rc.contiguous(), rr=x.rr.contiguous(),
-                   beta=x.beta.contiguous() if isinstance(x.beta, torch.Tensor) else x.beta,
-                   alpha_d=None if x.alpha_d is None else x.alpha_d.contiguous(),
-                   weights=None if x.weights is None else x.weights.contiguous())
-    return StepOutputs(*DAMOStepFunction.apply(x.pc, x.pr, x.rc, x.rr, x, cfg))
-
-
-from .damo_step_triton import DAMOStepFunction  # noqa: E402  (the Triton layer imports the types above)
+        out = operator("damo_step")(
+            x.pc, x.pr, x.rc, x.rr, beta_t.expand(x.pc.shape[0]) if beta_t is not None else None, beta_s, x.alpha_d,
+            x.weights, x.g, x.g_out, step_t, step_s, int(x.seed), *k, incr, x.check)
+        bump_versions(x.g_out, step_t if incr else None)
+        return out
+    # the Triton operator reads and updates one running-mean tensor: g itself in place, else the g_out buffer
+    if x.g_out is not x.g:
+        x.g_out.copy_(x.g)
+    return operator("damo_step_triton")(x.pc, x.pr, x.rc, x.rr, beta_t, beta_s, x.alpha_d, x.weights, x.g_out, step_t,
+                                        step_s, int(x.seed), *k, incr)

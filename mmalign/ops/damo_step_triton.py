@@ -1,4 +1,5 @@
-"""The DAMO step's Triton layer (the math is in :mod:`mmalign.ops.damo_step`'s docstring and SPEC.md §3).
+"""The DAMO step's Triton layer (the math is in :mod:`mmalign.ops.damo_step`'s docstring and SPEC.md §3): kernels,
+launchers, and the ``torch.library`` operators that run them.
 
 Two forward paths, one backward:
   * N <= MAX_FUSED_N: ``_damo_step_kernel``, one program holds and sorts the whole batch (1 launch).
@@ -12,22 +13,48 @@ Two forward paths, one backward:
 Both forward paths build the same float32 ranking keys from the same @triton.jit helpers, so they keep
 the same pairs. Partial sums go through a (6, P) buffer and are reduced in a fixed order by every program
 that needs them (no float atomics): the same inputs give the same bits on every rank and every run.
+
+Operators (the C++ ones, ``mmalign::damo_step_fwd`` and ``mmalign::damo_step``, have the same arguments, but
+for the running mean, which here is one tensor read and updated in place):
+  ``mmalign::damo_step_fwd_triton``  the forward kernels; mutates ``running_mean`` and ``step`` (declared).
+  ``mmalign::damo_step_bwd_triton``  the backward kernel (functional).
+  ``mmalign::damo_step_triton``      the differentiable step: an Autograd kernel over the two above. Its
+                                     mutations rule out ``torch.library.register_autograd`` (functional ops
+                                     only), so the Autograd kernel is registered as the C++ op registers its own.
+None is ``torch.library.triton_op``: a triton_op's fake kernel and its decomposition under torch.compile run
+the Python body on fake tensors, which the Triton interpreter (the tests' CPU path) cannot launch on. The
+custom ops are opaque to torch.compile and run the same launchers everywhere. Importing this module defines
+them and touches no GPU.
 """
 from __future__ import annotations
 
 import functools
 import math
+from typing import NamedTuple, Optional
 
 import numpy as np
 import torch
+from torch import Tensor
 
+from .. import _triton
 from .._triton import cdiv, next_power_of_2, tl, triton
-from .damo_step import DAMOConfig, KernelArgs, StepInputs, StepOutputs, kernel_args
+from . import limits
+from ._library import operator
 
-# One program holds and sorts the whole batch: 8192 pairs fit (a DAMO batch is 16 to a few thousand
-# pairs). Larger batches take the multi-program path, MP_BLOCK pairs per program.
-MAX_FUSED_N = 8192
-MP_BLOCK = 1024
+# One program holds and sorts the whole batch up to MAX_FUSED_N pairs; larger batches take the multi-program
+# path, MP_BLOCK pairs per program (module names: the tests shrink them to reach that path at small sizes).
+MAX_FUSED_N = limits.DAMO_ONE_PROGRAM_MAX_N
+MP_BLOCK = limits.DAMO_MP_BLOCK
+
+
+def _constexpr(value: int):
+    """A code of mmalign.ops.limits as the kernels read it (a global tl.constexpr)."""
+    return tl.constexpr(value) if _triton.HAS_TRITON else value
+
+
+_SELECT_ALL, _SELECT_SAMPLE = _constexpr(limits.SELECT_ALL), _constexpr(limits.SELECT_CLOSEST_SAMPLE)
+_SELECT_BOTTOM, _SELECT_TOP = _constexpr(limits.SELECT_BOTTOM), _constexpr(limits.SELECT_TOP)
+_LOSS_SIGMOID, _LOSS_IPO = _constexpr(limits.LOSS_TYPES.index("sigmoid")), _constexpr(limits.LOSS_TYPES.index("ipo"))
 
 # ----------------------------------------------------------------------------------------------------
 # Shared pieces of math (every forward kernel computes them the same way)
@@ -100,9 +127,9 @@ def _model_aware(u, beta, g, PAPER: tl.constexpr):
 @triton.jit
 def _selection_key(A, g, PAPER: tl.constexpr, SELECT: tl.constexpr):
     """The ranking key before Gumbel noise: the kept set is the K largest (SELECT codes of damo_step)."""
-    if SELECT == 3:
+    if SELECT == _SELECT_BOTTOM:
         key = -A
-    elif SELECT == 4:
+    elif SELECT == _SELECT_TOP:
         key = A
     elif PAPER:
         key = -(A - g) * (A - g)
@@ -184,10 +211,10 @@ def _pair_beta(beta, alpha_m, ALPHA_D, offs, m, rho, min_beta, USE_D: tl.constex
 def _pair_loss(u, beta_i, eps, LOSS_KIND: tl.constexpr):
     """(l_i, d l_i / d u_i) of SPEC.md §2: sigmoid (label smoothing eps), ipo, hinge."""
     mm = beta_i * u
-    if LOSS_KIND == 0:
+    if LOSS_KIND == _LOSS_SIGMOID:
         losses = -(1 - eps) * _logsigmoid(mm) - eps * _logsigmoid(-mm)
         dl_du = beta_i * (-(1 - eps) * _sigmoid(-mm) + eps * _sigmoid(mm))
-    elif LOSS_KIND == 1:
+    elif LOSS_KIND == _LOSS_IPO:
         d = u - 1 / (2 * beta_i)
         losses = d * d
         dl_du = 2 * d
@@ -218,7 +245,7 @@ def _store_pairs(LOSSES, BETA_OUT, RW, RL, MARGINS, ACCURACIES, DL_DU, offs, m, 
 @triton.jit
 def _damo_step_kernel(
         PC, PR, RC, RR, BETA, ALPHA_D, WEIGHTS, G, STEP,
-        LOSS, LOSSES, KEEP, BETA_OUT, RW, RL, MARGINS, ACCURACIES, GRAD_U, DL_DU, G_OUT, ALPHA_M_OUT,
+        LOSS, LOSSES, KEEP, BETA_OUT, RW, RL, MARGINS, ACCURACIES, GRAD_U, DL_DU, G_OUT, ALPHA_M_OUT, INV_DENOM,
         N, K, beta_hi, beta_lo, stride_beta, gamma_hi, gamma_lo, rho_hi, rho_lo, eps_hi, eps_lo, min_beta_hi,
         min_beta_lo, seed, step_scalar,
         PAPER: tl.constexpr, SELECT: tl.constexpr, LOSS_KIND: tl.constexpr, USE_M: tl.constexpr,
@@ -236,11 +263,11 @@ def _damo_step_kernel(
     bad = (tl.sum(tl.where(m & _not_finite(A), 1, 0), 0) > 0) | _not_finite(g)
 
     # ---- the kept set S: the K largest keys ----
-    if SELECT == 0:
+    if SELECT == _SELECT_ALL:
         keep = m
     else:
         key = _selection_key(A, g, PAPER, SELECT)
-        if SELECT == 2:  # Gumbel-top-K == sampling without replacement ~ w (unless every w is 0)
+        if SELECT == _SELECT_SAMPLE:  # Gumbel-top-K == sampling without replacement ~ w (unless every w is 0)
             any_w = tl.max(tl.where(m, tl.exp(key), 0.0), 0) > 0.0
             noise = _gumbel(seed, _step_value(STEP, step_scalar, STEP_IS_T), offs)
             key = tl.where(any_w, key + noise.to(acc), key)
@@ -267,6 +294,7 @@ def _damo_step_kernel(
     nan = float("nan")
     tl.store(LOSS, tl.where(bad, nan, loss))
     tl.store(ALPHA_M_OUT, alpha_m)
+    tl.store(INV_DENOM, tl.full((), 1.0, acc))  # GRAD_U is d loss / d u itself
     tl.store(G_OUT, tl.where(bad, g, g_new).to(G_OUT.dtype.element_ty))
     tl.store(KEEP + offs, (keep & (bad == 0)).to(tl.uint8), mask=m)
     tl.store(GRAD_U + offs, tl.where(bad, nan, wt / denom * dl_du), mask=m)
@@ -324,12 +352,12 @@ def _mp_keys_kernel(PC, PR, RC, RR, BETA, G, STEP, PART, COMP, N, P, beta_hi, be
     if STATS:
         tl.store(PART + 0 * P + pid, tl.sum(tl.where(m, A, 0.0), 0))
         tl.store(PART + 1 * P + pid, tl.sum(tl.where(m & _not_finite(A), 1.0, 0.0), 0).to(acc))
-    if SELECT != 0:
+    if SELECT != _SELECT_ALL:
         key = _selection_key(A, g, PAPER, SELECT)
-        if STATS and SELECT == 2:
+        if STATS and SELECT == _SELECT_SAMPLE:
             tl.store(PART + 2 * P + pid, tl.max(tl.where(m, key, float("-inf")), 0))
         if KEYS:
-            if SELECT == 2:
+            if SELECT == _SELECT_SAMPLE:
                 any_w = tl.exp(_partials(PART, 2, P, P_BLOCK, True)) > 0.0
                 noise = _gumbel(seed, _step_value(STEP, step_scalar, STEP_IS_T), offs)
                 key = tl.where(any_w, key + noise.to(acc), key)
@@ -345,7 +373,7 @@ def _mp_select_kernel(PC, PR, RC, RR, BETA, G, PART, COMP, THR, KEEP, N, P, beta
     pid, offs, m, logr_w, logr_l, beta, g = _mp_block(PC, PR, RC, RR, BETA, G, N, beta_hi, beta_lo, stride_beta,
                                                       HAS_BETA_T, ACC_FP64, BLOCK_N)
     A = _model_aware(logr_w - logr_l, beta, g, PAPER)
-    if SELECT == 0:
+    if SELECT == _SELECT_ALL:
         keep = m
     else:
         keep = m & (tl.load(COMP + offs, mask=m, other=0) >= tl.load(THR))
@@ -439,8 +467,79 @@ def _damo_step_bwd_kernel(GRAD_U, DL_DU, G_LOSS, G_LOSSES, SCALE, POS, NEG, N, s
 # ----------------------------------------------------------------------------------------------------
 
 
+class KernelArgs(NamedTuple):
+    """The configuration as the damo_step operators take it (their arguments K ... combine_sum, in order):
+    mmalign.ops.damo_step.kernel_args builds it from a DAMOConfig."""
+
+    K: int
+    gamma: float
+    rho: float
+    eps: float
+    min_beta: float
+    paper: bool
+    select: int  # a SELECT code of mmalign.ops.limits
+    loss_kind: int  # an index in mmalign.ops.limits.LOSS_TYPES
+    use_m: bool
+    combine_sum: bool
+
+
+class StepArgs(NamedTuple):
+    """The arguments of ``mmalign::damo_step_fwd_triton`` in schema order, the configuration's as ``k``."""
+
+    pc: Tensor
+    pr: Tensor
+    rc: Tensor
+    rr: Tensor
+    beta: Optional[Tensor]  # 0-dim or (N,); None: beta_scalar
+    beta_scalar: float
+    alpha_d: Optional[Tensor]  # None: alpha_D = 1
+    weights: Optional[Tensor]  # None: 1
+    running_mean: Tensor  # 0-dim float32 g: read, then overwritten with the updated g
+    step: Optional[Tensor]  # 0-dim int64 read on the device (incremented with incr_step); None: step_scalar
+    step_scalar: int
+    seed: int
+    k: KernelArgs
+    incr_step: bool
+
+    @staticmethod
+    def of(args: tuple) -> "StepArgs":
+        return StepArgs(*args[:12], KernelArgs(*args[12:22]), args[22])
+
+
+class StepOutputs(NamedTuple):
+    """The outputs of ``mmalign::damo_step_fwd_triton``: those of the C++ ``damo_step_fwd``, then ``inv_denom``
+    (d loss / d u = inv_denom * grad_u; 1 on the one-program path, whose grad_u is d loss / d u itself)."""
+
+    loss: Tensor
+    losses: Tensor
+    keep: Tensor
+    beta: Tensor
+    chosen_rewards: Tensor
+    rejected_rewards: Tensor
+    margins: Tensor
+    accuracies: Tensor
+    grad_u: Tensor
+    dl_du: Tensor
+    alpha_m: Tensor
+    inv_denom: Tensor
+
+
 def _acc(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def step_outputs_like(pc: Tensor, with_grads: bool, with_scale: bool) -> tuple:
+    """Empty outputs of a damo_step operator for the pairs of ``pc`` (also its fake kernel): loss, losses, keep,
+    beta_i, chosen/rejected rewards, margins, accuracies, [grad_u, dl_du], alpha_M, [inv_denom]; float64 for
+    float64 inputs, else float32."""
+    dt, N = _acc(pc.dtype), pc.shape[0]
+    vec = lambda: pc.new_empty((N,), dtype=dt)  # noqa: E731
+    mask = lambda: pc.new_empty((N,), dtype=torch.bool)  # noqa: E731
+    outs = [pc.new_empty((), dtype=dt), vec(), mask(), vec(), vec(), vec(), vec(), mask()]
+    outs += [vec(), vec()] if with_grads else []
+    outs.append(pc.new_empty((), dtype=dt))
+    outs += [pc.new_empty((), dtype=dt)] if with_scale else []
+    return tuple(outs)
 
 
 def _one_program(n: int) -> dict:
@@ -455,12 +554,12 @@ def _grid(n: int) -> tuple[int, dict]:
     return cdiv(n, MP_BLOCK), dict(BLOCK_N=MP_BLOCK, num_warps=4)
 
 
-def _outputs(n: int, dt, dev):
-    """Empty StepOutputs plus GRAD_U and DL_DU buffers (bools as uint8 for the kernels)."""
+def _outputs(n: int, dt, dev) -> StepOutputs:
+    """Empty outputs; bools as uint8 for the kernels."""
     vec = lambda dtype=dt: torch.empty(n, dtype=dtype, device=dev)  # noqa: E731
     scalar = lambda: torch.empty((), dtype=dt, device=dev)  # noqa: E731
-    out = StepOutputs(scalar(), vec(), vec(torch.uint8), vec(), vec(), vec(), vec(), vec(torch.uint8), scalar())
-    return out, vec(), vec()
+    return StepOutputs(scalar(), vec(), vec(torch.uint8), vec(), vec(), vec(), vec(), vec(torch.uint8), vec(), vec(),
+                       scalar(), scalar())
 
 
 def split_float(x: float) -> tuple[float, float]:
@@ -470,119 +569,176 @@ def split_float(x: float) -> tuple[float, float]:
 
 
 @functools.lru_cache(maxsize=1024)
-def _config_floats(k: KernelArgs) -> dict[str, tuple[float, float]]:
+def _config_floats(gamma: float, rho: float, eps: float, min_beta: float) -> dict[str, tuple[float, float]]:
     """gamma, rho, eps and min_beta as the kernels take them: split_float pairs, by name."""
-    return {name: split_float(getattr(k, name)) for name in ("gamma", "rho", "eps", "min_beta")}
+    return {"gamma": split_float(gamma), "rho": split_float(rho), "eps": split_float(eps),
+            "min_beta": split_float(min_beta)}
 
 
-def _common(x: StepInputs):
+def _common(a: StepArgs):
     """Kernel arguments every forward kernel shares: (beta tensor or dummy, step tensor or dummy, beta
     scalar as a split_float pair, beta stride, step scalar, HAS_BETA_T, STEP_IS_T, ACC_FP64)."""
-    beta_t = x.beta if isinstance(x.beta, torch.Tensor) else None
-    step_t = x.step if isinstance(x.step, torch.Tensor) else None
-    return (beta_t if beta_t is not None else x.pc, step_t if step_t is not None else x.pc,
-            (0.0, 0.0) if beta_t is not None else split_float(float(x.beta)),
+    beta_t, step_t = a.beta, a.step
+    return (beta_t if beta_t is not None else a.pc, step_t if step_t is not None else a.pc,
+            (0.0, 0.0) if beta_t is not None else split_float(float(a.beta_scalar)),
             (beta_t.stride(0) if beta_t.dim() else 0) if beta_t is not None else 0,
-            0 if step_t is not None else int(x.step), beta_t is not None, step_t is not None,
-            x.pc.dtype == torch.float64)
+            0 if step_t is not None else int(a.step_scalar), beta_t is not None, step_t is not None,
+            a.pc.dtype == torch.float64)
 
 
 def _finish_outputs(out: StepOutputs) -> StepOutputs:
     return out._replace(keep=out.keep.view(torch.bool), accuracies=out.accuracies.view(torch.bool))
 
 
-def _fused_fwd(x: StepInputs, cfg: DAMOConfig):
-    N = x.pc.shape[0]
-    k = kernel_args(cfg, N)
-    out, grad_u, dl_du = _outputs(N, _acc(x.pc.dtype), x.pc.device)
-    beta_t, step_t, beta_s, stride_beta, step_s, has_beta_t, step_is_t, fp64 = _common(x)
-    f = _config_floats(k)
+def _fused_fwd(a: StepArgs) -> StepOutputs:
+    N = a.pc.shape[0]
+    out = _outputs(N, _acc(a.pc.dtype), a.pc.device)
+    beta_t, step_t, beta_s, stride_beta, step_s, has_beta_t, step_is_t, fp64 = _common(a)
+    f = _config_floats(a.k.gamma, a.k.rho, a.k.eps, a.k.min_beta)
     _damo_step_kernel[(1,)](
-        x.pc, x.pr, x.rc, x.rr, beta_t, x.alpha_d if x.alpha_d is not None else x.pc,
-        x.weights if x.weights is not None else x.pc, x.g, step_t,
+        a.pc, a.pr, a.rc, a.rr, beta_t, a.alpha_d if a.alpha_d is not None else a.pc,
+        a.weights if a.weights is not None else a.pc, a.running_mean, step_t,
         out.loss, out.losses, out.keep, out.beta, out.chosen_rewards, out.rejected_rewards, out.margins,
-        out.accuracies, grad_u, dl_du, x.g_out, out.alpha_m,
-        N, k.K, *beta_s, stride_beta, *f["gamma"], *f["rho"], *f["eps"], *f["min_beta"], int(x.seed), step_s,
-        PAPER=k.paper, SELECT=k.select, LOSS_KIND=k.loss_kind, USE_M=k.use_m,
-        USE_D=cfg.use_alpha_d and x.alpha_d is not None, COMBINE_SUM=k.combine_sum,
-        HAS_BETA_T=has_beta_t, HAS_W=x.weights is not None, STEP_IS_T=step_is_t,
-        INCR_STEP=x.incr_step and step_is_t, ACC_FP64=fp64, **_one_program(N))
-    return _finish_outputs(out), grad_u, dl_du, None
+        out.accuracies, out.grad_u, out.dl_du, a.running_mean, out.alpha_m, out.inv_denom,
+        N, a.k.K, *beta_s, stride_beta, *f["gamma"], *f["rho"], *f["eps"], *f["min_beta"], int(a.seed), step_s,
+        PAPER=a.k.paper, SELECT=a.k.select, LOSS_KIND=a.k.loss_kind, USE_M=a.k.use_m, USE_D=a.alpha_d is not None,
+        COMBINE_SUM=a.k.combine_sum, HAS_BETA_T=has_beta_t, HAS_W=a.weights is not None, STEP_IS_T=step_is_t,
+        INCR_STEP=a.incr_step and step_is_t, ACC_FP64=fp64, **_one_program(N))
+    return _finish_outputs(out)
 
 
-def _multi_program_fwd(x: StepInputs, cfg: DAMOConfig):
-    N, dt, dev = x.pc.shape[0], _acc(x.pc.dtype), x.pc.device
-    k = kernel_args(cfg, N)
-    out, grad_u, dl_du = _outputs(N, dt, dev)
-    beta_t, step_t, beta_s, stride_beta, step_s, has_beta_t, step_is_t, fp64 = _common(x)
-    f = _config_floats(k)
+def _multi_program_fwd(a: StepArgs) -> StepOutputs:
+    N, dt, dev = a.pc.shape[0], _acc(a.pc.dtype), a.pc.device
+    out = _outputs(N, dt, dev)
+    beta_t, step_t, beta_s, stride_beta, step_s, has_beta_t, step_is_t, fp64 = _common(a)
+    f = _config_floats(a.k.gamma, a.k.rho, a.k.eps, a.k.min_beta)
     P, launch = _grid(N)
     blocks = dict(launch, P_BLOCK=max(16, next_power_of_2(P)))
     part = torch.empty((6, P), dtype=dt, device=dev)
-    comp = torch.empty(N if k.select else 1, dtype=torch.int64, device=dev)
-    inputs = (x.pc, x.pr, x.rc, x.rr, beta_t)
+    selects = a.k.select != limits.SELECT_ALL
+    comp = torch.empty(N if selects else 1, dtype=torch.int64, device=dev)
+    inputs = (a.pc, a.pr, a.rc, a.rr, beta_t)
+    g = a.running_mean  # read by every kernel, overwritten by the last one
     keys = lambda stats, write: _mp_keys_kernel[(P,)](  # noqa: E731
-        *inputs, x.g, step_t, part, comp, N, P, *beta_s, stride_beta, int(x.seed), step_s, PAPER=k.paper,
-        SELECT=k.select, HAS_BETA_T=has_beta_t, STEP_IS_T=step_is_t, ACC_FP64=fp64, STATS=stats, KEYS=write,
+        *inputs, g, step_t, part, comp, N, P, *beta_s, stride_beta, int(a.seed), step_s, PAPER=a.k.paper,
+        SELECT=a.k.select, HAS_BETA_T=has_beta_t, STEP_IS_T=step_is_t, ACC_FP64=fp64, STATS=stats, KEYS=write,
         **blocks)
-    sampled = k.select == 2  # its keys need the batch-wide max of log w first
-    keys(True, k.select != 0 and not sampled)
+    sampled = a.k.select == limits.SELECT_CLOSEST_SAMPLE  # its keys need the batch-wide max of log w first
+    keys(True, selects and not sampled)
     if sampled:
         keys(False, True)
-    thr = torch.topk(comp, k.K, sorted=False).values.min() if k.select else comp
-    _mp_select_kernel[(P,)](*inputs, x.g, part, comp, thr, out.keep, N, P, *beta_s, stride_beta, PAPER=k.paper,
-                            SELECT=k.select, HAS_BETA_T=has_beta_t, ACC_FP64=fp64, **blocks)
+    thr = torch.topk(comp, a.k.K, sorted=False).values.min() if selects else comp
+    _mp_select_kernel[(P,)](*inputs, g, part, comp, thr, out.keep, N, P, *beta_s, stride_beta, PAPER=a.k.paper,
+                            SELECT=a.k.select, HAS_BETA_T=has_beta_t, ACC_FP64=fp64, **blocks)
     _mp_loss_kernel[(P,)](
-        *inputs, x.alpha_d if x.alpha_d is not None else x.pc, x.weights if x.weights is not None else x.pc, x.g,
+        *inputs, a.alpha_d if a.alpha_d is not None else a.pc, a.weights if a.weights is not None else a.pc, g,
         part, out.keep, out.losses, out.beta, out.chosen_rewards, out.rejected_rewards, out.margins,
-        out.accuracies, grad_u, dl_du, N, P, k.K, *beta_s, stride_beta, *f["rho"], *f["eps"], *f["min_beta"],
-        PAPER=k.paper, LOSS_KIND=k.loss_kind, USE_M=k.use_m, USE_D=cfg.use_alpha_d and x.alpha_d is not None,
-        COMBINE_SUM=k.combine_sum, HAS_BETA_T=has_beta_t, HAS_W=x.weights is not None, ACC_FP64=fp64, **blocks)
-    inv_denom = torch.empty((), dtype=dt, device=dev)
-    _mp_finish_kernel[(1,)](x.g, step_t, part, out.loss, inv_denom, x.g_out, out.alpha_m, N, P, k.K, *f["gamma"],
-                            PAPER=k.paper, USE_M=k.use_m, INCR_STEP=x.incr_step and step_is_t, ACC_FP64=fp64,
+        out.accuracies, out.grad_u, out.dl_du, N, P, a.k.K, *beta_s, stride_beta, *f["rho"], *f["eps"], *f["min_beta"],
+        PAPER=a.k.paper, LOSS_KIND=a.k.loss_kind, USE_M=a.k.use_m, USE_D=a.alpha_d is not None,
+        COMBINE_SUM=a.k.combine_sum, HAS_BETA_T=has_beta_t, HAS_W=a.weights is not None, ACC_FP64=fp64, **blocks)
+    _mp_finish_kernel[(1,)](g, step_t, part, out.loss, out.inv_denom, g, out.alpha_m, N, P, a.k.K, *f["gamma"],
+                            PAPER=a.k.paper, USE_M=a.k.use_m, INCR_STEP=a.incr_step and step_is_t, ACC_FP64=fp64,
                             P_BLOCK=blocks["P_BLOCK"])
-    return _finish_outputs(out), grad_u, dl_du, inv_denom
+    return _finish_outputs(out)
 
 
-def triton_fwd(x: StepInputs, cfg: DAMOConfig):
-    """The forward: (StepOutputs, GRAD_U, d l_i / d u_i, scale) with d loss / d u = scale * GRAD_U (scale
-    None: 1). One launch up to MAX_FUSED_N pairs, the multi-program path beyond."""
-    return (_fused_fwd if x.pc.shape[0] <= MAX_FUSED_N else _multi_program_fwd)(x, cfg)
+def _contiguous(t: Optional[Tensor]) -> Optional[Tensor]:
+    return t if t is None or t.is_contiguous() else t.contiguous()
 
 
-def triton_bwd(grad_u, dl_du, scale, g_loss, g_losses, need_neg: bool):
+# ----------------------------------------------------------------------------------------------------
+# Operators
+# ----------------------------------------------------------------------------------------------------
+
+_STEP_ARGS = ("(Tensor pc, Tensor pr, Tensor rc, Tensor rr, Tensor? beta, float beta_scalar, Tensor? alpha_d, "
+              "Tensor? weights, Tensor(a!) running_mean, Tensor(b!)? step, int step_scalar, int seed, int K, "
+              "float gamma, float rho, float eps, float min_beta, bool paper, int select, int loss_kind, bool use_m, "
+              "bool combine_sum, bool incr_step)")
+
+
+@torch.library.custom_op("mmalign::damo_step_fwd_triton", mutates_args=("running_mean", "step"),
+                         schema=_STEP_ARGS + " -> (" + ", ".join(["Tensor"] * 12) + ")")
+def damo_step_fwd_triton(*args) -> tuple:
+    """The forward kernels: :class:`StepOutputs`; ``running_mean`` gets the updated g (unchanged for non-finite
+    inputs), ``step`` += 1 with ``incr_step``. One launch up to MAX_FUSED_N pairs, the multi-program path beyond."""
+    a = StepArgs.of(args)
+    a = a._replace(pc=_contiguous(a.pc), pr=_contiguous(a.pr), rc=_contiguous(a.rc), rr=_contiguous(a.rr),
+                   beta=_contiguous(a.beta), alpha_d=_contiguous(a.alpha_d), weights=_contiguous(a.weights))
+    return tuple((_fused_fwd if a.pc.shape[0] <= MAX_FUSED_N else _multi_program_fwd)(a))
+
+
+@damo_step_fwd_triton.register_fake
+def _damo_step_fwd_triton_fake(pc, *args):
+    return step_outputs_like(pc, with_grads=True, with_scale=True)
+
+
+@torch.library.custom_op("mmalign::damo_step_bwd_triton", mutates_args=(),
+                         schema="(Tensor grad_u, Tensor dl_du, Tensor inv_denom, Tensor? grad_loss, "
+                                "Tensor? grad_losses, bool need_neg) -> (Tensor, Tensor)")
+def damo_step_bwd_triton(grad_u, dl_du, inv_denom, grad_loss, grad_losses, need_neg):
+    """(gu, -gu) with gu = grad_loss * inv_denom * grad_u + grad_losses * dl_du (either gradient may be None:
+    zeros then); the second output is empty unless ``need_neg``. grad pc = grad rr = gu, grad pr = grad rc = -gu."""
     N = grad_u.shape[0]
     pos = torch.empty_like(grad_u)
-    neg = torch.empty_like(grad_u) if need_neg else pos
+    neg = torch.empty_like(grad_u) if need_neg else grad_u.new_empty((0,))
     P, launch = _grid(N)
     _damo_step_bwd_kernel[(P,)](
-        grad_u, dl_du, g_loss if g_loss is not None else grad_u, g_losses if g_losses is not None else grad_u,
-        scale if scale is not None else grad_u, pos, neg, N, g_losses.stride(0) if g_losses is not None else 0,
-        HAS_GL=g_loss is not None, HAS_GLS=g_losses is not None, HAS_SCALE=scale is not None, NEED_NEG=need_neg,
-        **launch)
+        grad_u, dl_du, grad_loss if grad_loss is not None else grad_u,
+        grad_losses if grad_losses is not None else grad_u, inv_denom, pos, neg if need_neg else pos, N,
+        grad_losses.stride(0) if grad_losses is not None else 0, HAS_GL=grad_loss is not None,
+        HAS_GLS=grad_losses is not None, HAS_SCALE=True, NEED_NEG=need_neg, **launch)
     return pos, neg
 
 
-class DAMOStepFunction(torch.autograd.Function):
-    """Autograd for the Triton kernels: (pc, pr, rc, rr) -> StepOutputs; the updated running mean is
-    written into ``inputs.g_out``. The gradient is closed-form and computed by the forward (d loss / d u_i
-    is saved), so backward is one small kernel (u = pc - rc - pr + rr). The C++ backend has the same
-    Function in C++ (csrc/damo_step_autograd.cpp)."""
+@damo_step_bwd_triton.register_fake
+def _damo_step_bwd_triton_fake(grad_u, dl_du, inv_denom, grad_loss, grad_losses, need_neg):
+    return torch.empty_like(grad_u), torch.empty_like(grad_u) if need_neg else grad_u.new_empty((0,))
+
+
+# mmalign::damo_step_triton: the differentiable step (loss, losses, keep, beta_i, chosen/rejected rewards, margins,
+# accuracies, alpha_M), differentiable w.r.t. pc, pr, rc, rr through loss and losses.
+_LIB = torch.library.Library("mmalign", "FRAGMENT")
+_LIB.define("damo_step_triton" + _STEP_ARGS + " -> (" + ", ".join(["Tensor"] * 9) + ")")
+
+
+def _public(o) -> tuple:
+    return (*o[:8], o[10])
+
+
+class _DAMOStepFunction(torch.autograd.Function):
+    """The gradient is closed-form and computed by the forward (d loss / d u_i and d l_i / d u_i are saved), so
+    backward is one small kernel (u = pc - rc - pr + rr); beta_i, alpha_D, the weights and the kept set are
+    constants. The C++ op has the same Function in C++ (csrc/damo_step_autograd.cpp)."""
 
     @staticmethod
-    def forward(ctx, pc, pr, rc, rr, inputs: StepInputs, cfg: DAMOConfig):
-        out, grad_u, dl_du, scale = triton_fwd(inputs._replace(pc=pc, pr=pr, rc=rc, rr=rr), cfg)
-        ctx.save_for_backward(grad_u, dl_du, scale)
+    def forward(ctx, pc, pr, rc, rr, *rest):
+        with torch._C._AutoDispatchBelowAutograd():
+            o = operator("damo_step_fwd_triton")(pc, pr, rc, rr, *rest)
+        ctx.save_for_backward(o[8], o[9], o[11])
+        out = _public(o)
         ctx.mark_non_differentiable(*out[2:])
-        # unused outputs give None, not a zero tensor each (8 fill launches on every backward): the
-        # backward kernel takes either gradient as absent
+        # unused outputs give None, not a zero tensor each: the backward kernel takes either gradient as absent
         ctx.set_materialize_grads(False)
-        return tuple(out)
+        ctx.n_rest = len(rest)
+        return out
 
     @staticmethod
-    def backward(ctx, g_loss, g_losses, *_):
+    def backward(ctx, grad_loss, grad_losses, *_):
         need = ctx.needs_input_grad
-        pos, neg = triton_bwd(*ctx.saved_tensors, g_loss, g_losses, need[1] or need[2])
+        pos, neg = operator("damo_step_bwd_triton")(*ctx.saved_tensors, grad_loss, grad_losses, need[1] or need[2])
         return (pos if need[0] else None, neg if need[1] else None, neg if need[2] else None,
-                pos if need[3] else None, None, None)
+                pos if need[3] else None) + (None,) * ctx.n_rest
+
+
+def _damo_step_autograd(*args):
+    return _DAMOStepFunction.apply(*args)
+
+
+def _damo_step_no_autograd(*args):
+    return _public(operator("damo_step_fwd_triton")(*args))
+
+
+_LIB.impl("damo_step_triton", _damo_step_autograd, "Autograd")
+_LIB.impl("damo_step_triton", _damo_step_no_autograd, "CompositeExplicitAutograd")
+torch.library.register_fake("mmalign::damo_step_triton",
+                            lambda pc, *args: step_outputs_like(pc, with_grads=False, with_scale=False), lib=_LIB)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from .sequence_logps import BACKWARD, FORWARD, acc_dtype, token_logps_reference
+from .sequence_logps import acc_dtype, backward, forward, token_logps_reference
 
 
 def fused_linear_token_logps_reference(hidden, weight, labels, bias=None, ignore_index: int = -100,
@@ -107,7 +107,7 @@ class FusedLinearTokenLogpsFunction(torch.autograd.Function):
             e = min(M, s + chunk)
             z = _linear(h[s:e].to(work), w, b)
             _transform_(z, scale, softcap)  # in the matmul's dtype, as the model's own forward does it
-            t, l = FORWARD[backend](z.unsqueeze(0), labels[s:e].unsqueeze(0), ignore_index)
+            t, l = forward(backend, z.unsqueeze(0), labels[s:e].unsqueeze(0), ignore_index)
             tok[s:e], lse[s:e] = t[0], l[0]
         ctx.save_for_backward(h, weight, bias, labels, lse)
         ctx.cfg = (ignore_index, backend, chunk, accumulate_fp32, scale, softcap)
@@ -136,7 +136,7 @@ class FusedLinearTokenLogpsFunction(torch.autograd.Function):
             hc = h[s:e].to(work)
             z = _linear(hc, w, b)
             slope = _transform_(z, scale, softcap, slope=True)
-            dz = BACKWARD[backend](grad[s:e].unsqueeze(0), z.unsqueeze(0), labels[s:e].unsqueeze(0),
+            dz = backward(backend, grad[s:e].unsqueeze(0), z.unsqueeze(0), labels[s:e].unsqueeze(0),
                                    lse[s:e].unsqueeze(0), ignore_index, True)[0]
             if slope is not None:
                 dz.mul_(slope)

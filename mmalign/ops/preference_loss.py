@@ -16,11 +16,12 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-LOSS_TYPES = ("sigmoid", "ipo", "hinge")
+from .limits import LOSS_TYPES
 
 
-class PreferenceLoss(NamedTuple):
-    """Result of :func:`mmalign.functional.preference_loss`; all but ``loss``/``losses`` are detached."""
+class PreferenceLossOutput(NamedTuple):
+    """Result of :func:`mmalign.functional.preference_loss`; all but ``loss``/``losses`` are detached. The fields
+    are the first six of :class:`mmalign.ops.damo_step.DAMOStepOutput`, in the same order."""
 
     loss: torch.Tensor  # 0-dim (reduction="mean") or (N,) weighted per-pair losses ("none")
     losses: torch.Tensor  # (N,) per-pair losses, unweighted
@@ -28,6 +29,15 @@ class PreferenceLoss(NamedTuple):
     rejected_rewards: torch.Tensor  # (N,) beta * logr_l
     margins: torch.Tensor  # (N,) chosen_rewards - rejected_rewards
     accuracies: torch.Tensor  # (N,) bool, chosen_rewards > rejected_rewards
+
+
+def check_loss(loss_type: str, label_smoothing: float) -> None:
+    """label_smoothing in [0, 0.5), and only with the sigmoid loss (``loss_type`` itself is checked by the caller)."""
+    if not 0.0 <= label_smoothing < 0.5:
+        raise ValueError(f"label_smoothing: expected a value in [0, 0.5), got {label_smoothing!r}")
+    if label_smoothing and loss_type != "sigmoid":
+        raise ValueError(f"label_smoothing: only loss_type='sigmoid' smooths labels (SPEC.md section 2), got "
+                         f"label_smoothing={label_smoothing} with loss_type={loss_type!r}")
 
 
 def pair_loss_reference(u: torch.Tensor, beta: torch.Tensor, loss_type: str = "sigmoid",
@@ -45,7 +55,7 @@ def pair_loss_reference(u: torch.Tensor, beta: torch.Tensor, loss_type: str = "s
 
 def preference_loss_reference(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
                               beta, *, loss_type: str = "sigmoid", label_smoothing: float = 0.0, weights=None,
-                              reduction: str = "mean") -> PreferenceLoss:
+                              reduction: str = "mean") -> PreferenceLossOutput:
     """SPEC.md section 2, literally. Inputs (N,); beta a float or (N,); weights (N,) or None.
     reduction="mean": sum(w * l) / sum(w) (plain mean without weights); "none": w * l per pair."""
     logr_w = policy_chosen_logps - ref_chosen_logps
@@ -56,4 +66,4 @@ def preference_loss_reference(policy_chosen_logps, policy_rejected_logps, ref_ch
     w = torch.ones_like(losses) if weights is None else weights.to(losses.dtype)
     loss = (w * losses).sum() / w.sum() if reduction == "mean" else w * losses
     r_w, r_l = (beta * logr_w).detach(), (beta * logr_l).detach()
-    return PreferenceLoss(loss, losses, r_w, r_l, r_w - r_l, r_w > r_l)
+    return PreferenceLossOutput(loss, losses, r_w, r_l, r_w - r_l, r_w > r_l)

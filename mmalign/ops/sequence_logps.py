@@ -6,17 +6,18 @@
     d logp[b] / d z[b,t,v] = 1[v = y] - softmax(z[b,t])_v  (non-ignored positions; 0 elsewhere)
 
 Layers, top to bottom: the eager reference; the Triton kernels (one program per row, online logsumexp
-over vocabulary blocks, fp32 accumulation, never a full-row buffer); the launchers of every backend
-(triton, cuda, cpp, reference); the autograd Function over per-token values. The reduction over T
-is plain PyTorch on a (B, T) tensor.
+over vocabulary blocks, fp32 accumulation, never a full-row buffer); their launchers and operators
+(``mmalign::token_logps_fwd_triton``, ``token_logps_bwd_triton``, ``token_logps_bwd_triton_``: the schemas of
+the C++ operators ``mmalign::token_logps_fwd``, ``token_logps_bwd``, ``token_logps_bwd_`` that back the cpp and
+cuda backends); the autograd Function over per-token values, which calls the chosen backend's operators. The
+reduction over T is plain PyTorch on a (B, T) tensor.
 """
 from __future__ import annotations
-
-from typing import NamedTuple
 
 import torch
 
 from .._triton import interpreting, next_power_of_2, tl, triton
+from ._library import bump_versions, operator
 
 # ----------------------------------------------------------------------------------------------------
 # Reference (SPEC.md section 1, literally)
@@ -139,27 +140,73 @@ def _triton_bwd_into(out, grad, logits, labels, lse, ignore_index):
             num_warps=8)
 
 
-def _compiled_fwd(logits, labels, ignore_index):
-    return torch.ops.mmalign.token_logps_fwd(logits, labels, ignore_index)
+# ----------------------------------------------------------------------------------------------------
+# Operators: the Triton ones (custom ops, opaque to torch.compile like the C++ ones; see damo_step_triton for why
+# not triton_op), their fake kernels (also those of the C++ operators: mmalign/ops/_fake.py), and the table of
+# each backend's operators
+# ----------------------------------------------------------------------------------------------------
 
 
-def _compiled_bwd(grad, logits, labels, lse, ignore_index, inplace):
-    if inplace:
-        torch.ops.mmalign.token_logps_bwd_(logits, grad, labels, lse, ignore_index)
-        return logits
-    return torch.ops.mmalign.token_logps_bwd(grad, logits, labels, lse, ignore_index)
+def token_logps_fwd_fake(logits, labels, ignore_index):
+    return (labels.new_empty(labels.shape, dtype=acc_dtype(logits.dtype)),
+            labels.new_empty(labels.shape, dtype=acc_dtype(logits.dtype)))
 
 
-def _triton_bwd(grad, logits, labels, lse, ignore_index, inplace):
-    out = logits if inplace else torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+def token_logps_bwd_fake(grad, logits, labels, lse, ignore_index):
+    return logits.new_empty(logits.shape)
+
+
+def token_logps_bwd_inplace_fake(logits, grad, labels, lse, ignore_index):
+    return None
+
+
+@torch.library.custom_op("mmalign::token_logps_fwd_triton", mutates_args=(),
+                         schema="(Tensor logits, Tensor labels, int ignore_index) -> (Tensor, Tensor)")
+def token_logps_fwd_triton(logits, labels, ignore_index):
+    """(token_logps, lse), both (B, T) in the accumulation dtype; logits with a contiguous vocabulary dimension."""
+    return _triton_fwd(logits, labels, ignore_index)
+
+
+@torch.library.custom_op("mmalign::token_logps_bwd_triton", mutates_args=(),
+                         schema="(Tensor grad, Tensor logits, Tensor labels, Tensor lse, int ignore_index) -> Tensor")
+def token_logps_bwd_triton(grad, logits, labels, lse, ignore_index):
+    """The gradient w.r.t. logits, a new contiguous (B, T, V) tensor in the logits' dtype."""
+    out = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
     _triton_bwd_into(out, grad, logits, labels, lse, ignore_index)
-    if inplace:
-        torch.autograd.graph.increment_version(logits)
     return out
 
 
-FORWARD = {"triton": _triton_fwd, "cuda": _compiled_fwd, "cpp": _compiled_fwd}
-BACKWARD = {"triton": _triton_bwd, "cuda": _compiled_bwd, "cpp": _compiled_bwd}
+@torch.library.custom_op("mmalign::token_logps_bwd_triton_", mutates_args=("logits",),
+                         schema="(Tensor(a!) logits, Tensor grad, Tensor labels, Tensor lse, int ignore_index) -> ()")
+def token_logps_bwd_triton_(logits, grad, labels, lse, ignore_index):
+    """The same gradient written over ``logits`` itself (declared: autograd sees the version bump)."""
+    _triton_bwd_into(logits, grad, logits, labels, lse, ignore_index)
+
+
+token_logps_fwd_triton.register_fake(token_logps_fwd_fake)
+token_logps_bwd_triton.register_fake(token_logps_bwd_fake)
+token_logps_bwd_triton_.register_fake(token_logps_bwd_inplace_fake)
+
+# backend -> (forward, backward, backward in place): the names of the operators in torch.ops.mmalign
+OPERATORS = {"triton": ("token_logps_fwd_triton", "token_logps_bwd_triton", "token_logps_bwd_triton_"),
+             "cuda": ("token_logps_fwd", "token_logps_bwd", "token_logps_bwd_"),
+             "cpp": ("token_logps_fwd", "token_logps_bwd", "token_logps_bwd_")}
+
+
+def forward(backend: str, logits, labels, ignore_index: int):
+    """(token_logps, lse) by ``backend``'s operator."""
+    return operator(OPERATORS[backend][0])(logits, labels, ignore_index)
+
+
+def backward(backend: str, grad, logits, labels, lse, ignore_index: int, inplace: bool):
+    """The gradient w.r.t. logits by ``backend``'s operator; with ``inplace`` written over ``logits`` (returned)."""
+    fwd, bwd, bwd_ = OPERATORS[backend]
+    if inplace:
+        operator(bwd_)(logits, grad, labels, lse, ignore_index)
+        if backend != "triton":  # the Triton operator (a custom op) bumps its own
+            bump_versions(logits)
+        return logits
+    return operator(bwd)(grad, logits, labels, lse, ignore_index)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -175,7 +222,7 @@ class TokenLogpsFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, labels, ignore_index: int, backend: str, inplace_backward: bool):
-        tok, lse = FORWARD[backend](logits, labels, ignore_index)
+        tok, lse = forward(backend, logits, labels, ignore_index)
         ctx.save_for_backward(logits, labels, lse)
         ctx.ignore_index, ctx.backend, ctx.inplace = ignore_index, backend, inplace_backward
         return tok
@@ -184,12 +231,5 @@ class TokenLogpsFunction(torch.autograd.Function):
     def backward(ctx, grad_tok):
         logits, labels, lse = ctx.saved_tensors
         grad = grad_tok.to(lse.dtype).contiguous()
-        grad_logits = BACKWARD[ctx.backend](grad, logits, labels, lse, ctx.ignore_index, ctx.inplace)
+        grad_logits = backward(ctx.backend, grad, logits, labels, lse, ctx.ignore_index, ctx.inplace)
         return grad_logits, None, None, None, None
-
-
-class SequenceLogps(NamedTuple):
-    """Result of ``sequence_logps(..., return_token_logps=True)``."""
-
-    logps: torch.Tensor  # (B,)
-    token_logps: torch.Tensor  # (B, T)

@@ -7,8 +7,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..nn import DAMOLoss
-from ..ops.damo_step import DAMOConfig
+from ..nn import DAMOConfig, DAMOLoss
 
 # loss name -> (DAMO preset, loss type); "sft": supervised fine-tuning on the chosen responses (a warm-up before
 # alignment: the token-mean negative log-likelihood; no reference, the rejected responses unused)
@@ -208,4 +207,4 @@ class TrainConfig:
 
 def loss_module(cfg: TrainConfig) -> DAMOLoss:
     preset, loss_type = LOSSES[cfg.loss]
-    return DAMOLoss(beta=cfg.beta, preset=preset, seed=cfg.seed, loss_type=loss_type, **cfg.damo)
+    return DAMOLoss(cfg.beta, DAMOConfig.from_preset(preset, loss_type=loss_type, **cfg.damo), seed=cfg.seed)

@@ -282,8 +282,9 @@ class Trainer:
         return loss_fn(*logps, alpha_d=alpha_d, group=group)
 
     def loss_metrics(self, batch: list[PairExample]):
-        """The loss module's per-pair metrics of ``batch`` on this rank alone (held-out scoring)."""
-        return self._loss(self.loss_fn, batch).metrics
+        """The loss module's output (per-pair losses, rewards, margins, accuracies) for ``batch`` on this rank alone
+        (held-out scoring)."""
+        return self._loss(self.loss_fn, batch)
 
     def _online_rejected(self, batch: list[PairExample], k: int) -> list[PairExample]:
         return online.online_rejected(self, batch, k)
@@ -323,7 +324,7 @@ class Trainer:
         total = loss.detach().clone()
         if self.world > 1:
             torch.distributed.all_reduce(total)
-        m = out.metrics
+        m = out
         values = torch.stack([t.float() for t in (
             total, m.chosen_rewards.mean(), m.rejected_rewards.mean(), m.margins.mean(), m.accuracies.float().mean(),
             m.alpha_m, m.keep.sum(), m.beta.mean(), m.beta.min(), m.beta.max(), self.loss_fn.running_mean)])

@@ -48,12 +48,19 @@ def test_cuts_are_word_boundaries_after_the_first_word():
 def test_stop_at_full_stop_and_plans_are_reproducible():
     assert T.stop_at_full_stop(" a cat. And more.") == (" a cat.", True)
     assert T.stop_at_full_stop(" no stop") == (" no stop", False)
-    a = T.plan("Yes, a dog. A cat sits.", T.rng_for(0, "pair-1", 2))
-    b = T.plan("Yes, a dog. A cat sits.", T.rng_for(0, "pair-1", 2))
-    c = T.plan("Yes, a dog. A cat sits.", T.rng_for(0, "pair-1", 3))
-    assert a == b and len({repr(a), repr(c)}) in (1, 2)
-    for head, sent, swapped in zip(a.heads, a.sentences, a.swapped):
-        assert swapped or sent.startswith(head)
+    text = "Yes, a dog. A cat sits."
+    a = T.plan(text, T.rng_for(0, "pair-1", 2))
+    assert a == T.plan(text, T.rng_for(0, "pair-1", 2))  # the same (seed, keys): the same plan
+    # the keys decide the plan: 60 tries of one pair (18 possible plans: swap or not, 3 cuts each sentence) give
+    # many, with both outcomes of the yes/no swap; a generator that ignored its keys would give one
+    plans = [T.plan(text, T.rng_for(0, "pair-1", k)) for k in range(60)]
+    assert plans[2] == a and len({repr(p) for p in plans}) >= 6
+    assert 0 < sum(p.swapped[0] for p in plans) < 60 and not any(p.swapped[1] for p in plans)
+    assert T.plan(text, T.rng_for(1, "pair-1", 2)) != a or T.plan(text, T.rng_for(2, "pair-1", 2)) != a  # the seed
+    for p in plans:
+        assert p.sentences == [s for s in T.sentences(text)]
+        for head, sent, swapped in zip(p.heads, p.sentences, p.swapped):
+            assert swapped or sent.startswith(head)
 
 
 def test_noise_is_eq8_9():

@@ -9,7 +9,7 @@ pytest.importorskip("trl")
 datasets = pytest.importorskip("datasets")
 
 from mmalign import synthetic  # noqa: E402
-from mmalign.nn import DAMOLoss  # noqa: E402
+from mmalign.nn import DAMOConfig, DAMOLoss  # noqa: E402
 
 
 def _setup(tmp_path):
@@ -52,7 +52,7 @@ def test_dpo_preset_matches_trl(tmp_path):
     # lr-sized steps)
     fp32_sgd = {"bf16": False, "optim": "sgd", "learning_rate": 2.0}
     ours = DAMODPOTrainer(model=model(), ref_model=model(), args=args("ours", **fp32_sgd), train_dataset=ds,
-                          processing_class=tok, damo_loss=DAMOLoss(beta=0.1, preset="dpo"))
+                          processing_class=tok, damo_loss=DAMOLoss(0.1, DAMOConfig.from_preset("dpo")))
     theirs = DPOTrainer(model=model(), ref_model=model(), args=args("theirs", **fp32_sgd), train_dataset=ds,
                         processing_class=tok)
     a, b = _losses(ours), _losses(theirs)
@@ -77,7 +77,7 @@ def test_peft_model_without_ref_model_matches_trl(tmp_path):
 
     fp32_sgd = {"bf16": False, "optim": "sgd", "learning_rate": 2.0}
     ours = DAMODPOTrainer(model=lora(), ref_model=None, args=args("ours", **fp32_sgd), train_dataset=ds,
-                          processing_class=tok, damo_loss=DAMOLoss(beta=0.1, preset="dpo"))
+                          processing_class=tok, damo_loss=DAMOLoss(0.1, DAMOConfig.from_preset("dpo")))
     theirs = DPOTrainer(model=lora(), ref_model=None, args=args("theirs", **fp32_sgd), train_dataset=ds,
                         processing_class=tok)
     a, b = _losses(ours), _losses(theirs)
@@ -93,7 +93,8 @@ def test_reference_runs_in_the_policys_precision(tmp_path):
 
     tok, ds, model, args = _setup(tmp_path)
     ours = DAMODPOTrainer(model=model(), ref_model=model(), args=args("ours", bf16=True, max_steps=1),
-                          train_dataset=ds, processing_class=tok, damo_loss=DAMOLoss(beta=0.1, preset="dpo"))
+                          train_dataset=ds, processing_class=tok,
+                          damo_loss=DAMOLoss(0.1, DAMOConfig.from_preset("dpo")))
     assert _losses(ours)[0] == pytest.approx(math.log(2), abs=1e-7)
 
 
@@ -102,7 +103,7 @@ def test_damo_preset_trains_and_logs(tmp_path):
 
     tok, ds, model, args = _setup(tmp_path)
     trainer = DAMODPOTrainer(model=model(), ref_model=model(), args=args("damo"), train_dataset=ds,
-                             processing_class=tok, damo_loss=DAMOLoss(beta=0.1, preset="damo"))
+                             processing_class=tok, damo_loss=DAMOLoss(0.1, DAMOConfig.from_preset("damo")))
     losses = _losses(trainer)
     logged = [h for h in trainer.state.log_history if "damo/alpha_m" in h]
     assert len(losses) == 3 and len(logged) == 3 and logged[-1]["damo/kept"] == 3  # floor(0.8 * 4)
@@ -132,7 +133,7 @@ def test_vlm_dpo_preset_matches_trl(tmp_path):
 
     fp32_sgd = {"bf16": False, "optim": "sgd", "learning_rate": 2.0, "max_length": None}
     ours = DAMODPOTrainer(model=model(), ref_model=model(), args=args("ours", **fp32_sgd), train_dataset=ds,
-                          processing_class=processor, damo_loss=DAMOLoss(beta=0.1, preset="dpo"))
+                          processing_class=processor, damo_loss=DAMOLoss(0.1, DAMOConfig.from_preset("dpo")))
     theirs = DPOTrainer(model=model(), ref_model=model(), args=args("theirs", **fp32_sgd), train_dataset=ds,
                         processing_class=processor)
     a, b = _losses(ours), _losses(theirs)
@@ -148,7 +149,8 @@ def test_vlm_dpo_preset_matches_trl(tmp_path):
     (dict(beta=0.3), dict(beta=0.2), "beta: DPOConfig has beta=0.3 and damo_loss beta=0.2"),
     (dict(ld_alpha=0.5), {}, "ld_alpha: DAMODPOTrainer's loss"),
     (dict(use_weighting=True), {}, "use_weighting"),
-    (dict(loss_type="ipo", beta=0.3), dict(preset="dpo", loss_type="ipo", beta=0.3), None),  # they agree
+    (dict(loss_type="ipo", beta=0.3), dict(config=DAMOConfig.from_preset("dpo", loss_type="ipo"), beta=0.3),
+     None),  # they agree
     (dict(beta=0.3), None, None),  # no damo_loss: the default one takes DPOConfig's beta
 ])
 def test_trl_loss_options_it_does_not_read_are_refused(tmp_path, dpo, loss, match):

@@ -1,4 +1,5 @@
 """The fused DAMO step against the literal reference of SPEC.md sections 2, 3 and 5, every backend."""
+import dataclasses
 import functools
 import itertools
 import math
@@ -14,6 +15,7 @@ from mmalign.ops.damo_step import DAMOConfig, damo_step_reference, uniforms_refe
 from .._numerics import DEVICES, backends, cases
 
 OP = "damo_step"
+CONFIG_FIELDS = {f.name for f in dataclasses.fields(DAMOConfig)} | {"preset"}
 CONFIGS = [
     dict(),  # damo, official, sampled
     dict(selection="topk"),
@@ -40,8 +42,8 @@ def _inputs(g, N, device, dtype=torch.float64):
 def _run(logps, alpha_d, running_mean, kw, backend, seed=7, step=3):
     kw = dict(kw)
     preset = kw.pop("preset", None)
-    return F.damo_step(*logps, running_mean, beta=0.1, alpha_d=alpha_d, preset=preset, seed=seed, step=step,
-                       backend=backend, **kw)
+    return F.damo_step(*logps, 0.1, running_mean=running_mean, alpha_d=alpha_d,
+                       config=DAMOConfig.from_preset(preset, **kw), seed=seed, step=step, backend=backend)
 
 
 def _ref(logps, alpha_d, running_mean, kw, seed=7, step=3):
@@ -54,13 +56,13 @@ def _assert_same(out, ref):
     """float64 at 1e-10: tight enough to catch a float32 rounding of any input or parameter (IPO's
     1/(2 beta_i) amplifies one about 1000x), loose enough for a different summation order."""
     tol = dict(rtol=1e-10, atol=1e-12) if out.loss.dtype == torch.float64 else {}
-    assert torch.equal(out.metrics.keep, ref.metrics.keep)
+    assert torch.equal(out.keep, ref.keep)
     torch.testing.assert_close(out.loss, ref.loss, **tol)
     torch.testing.assert_close(out.running_mean, ref.running_mean, **tol)
     for name in ("alpha_m", "beta", "chosen_rewards", "rejected_rewards", "margins", "losses"):
-        torch.testing.assert_close(getattr(out.metrics, name), getattr(ref.metrics, name), **tol,
+        torch.testing.assert_close(getattr(out, name), getattr(ref, name), **tol,
                                    msg=lambda m, name=name: f"{name}: {m}")
-    assert torch.equal(out.metrics.accuracies, ref.metrics.accuracies)
+    assert torch.equal(out.accuracies, ref.accuracies)
 
 
 @pytest.mark.parametrize("device,backend,dtype", cases(OP, (torch.float64, torch.float32)))
@@ -93,7 +95,7 @@ def test_fuzzed_sizes_and_k(rng, device, backend, dtype, N):
     for K, cfg in itertools.product(sorted({1, max(1, N - 1), N}), (dict(), dict(variant="paper", keep=None))):
         cfg = dict(cfg, keep=K)
         out, ref = _run(logps, alpha_d, g, cfg, backend), _ref(logps, alpha_d, g, cfg)
-        assert int(out.metrics.keep.sum()) == K
+        assert int(out.keep.sum()) == K
         _assert_same(out, ref)
 
 
@@ -143,13 +145,13 @@ def test_official_topk_by_hand():
     u = torch.tensor(margins, dtype=torch.float64)
     z = torch.zeros(5, dtype=torch.float64)
     for backend in backends(OP, "cpu", torch.float64, include_reference=True):
-        out = F.damo_step(u, z, z, z, torch.tensor(g), beta=beta, alpha_d=torch.tensor(alpha_d, dtype=torch.float64),
-                          selection="topk", backend=backend)
-        assert out.metrics.keep.tolist() == [i in S for i in range(5)], backend
-        assert int(out.metrics.keep.sum()) == 4
-        torch.testing.assert_close(out.metrics.alpha_m.item(), alpha_m)
-        torch.testing.assert_close(out.metrics.beta.tolist(), beta_i)
-        torch.testing.assert_close(out.metrics.losses.tolist(), losses)
+        out = F.damo_step(u, z, z, z, beta, running_mean=torch.tensor(g), config=DAMOConfig(selection="topk"),
+                          alpha_d=torch.tensor(alpha_d, dtype=torch.float64), backend=backend)
+        assert out.keep.tolist() == [i in S for i in range(5)], backend
+        assert int(out.keep.sum()) == 4
+        torch.testing.assert_close(out.alpha_m.item(), alpha_m)
+        torch.testing.assert_close(out.beta.tolist(), beta_i)
+        torch.testing.assert_close(out.losses.tolist(), losses)
         torch.testing.assert_close(out.loss.item(), loss)
         torch.testing.assert_close(out.running_mean.item(), g_new, rtol=1e-6, atol=1e-7)  # g is float32
 
@@ -167,9 +169,10 @@ def test_paper_first_step_by_hand():
     u = torch.tensor(margins, dtype=torch.float64)
     z = torch.zeros(5, dtype=torch.float64)
     for backend in backends(OP, "cpu", torch.float64, include_reference=True):
-        out = F.damo_step(u, z, z, z, torch.tensor(0.0), beta=beta, variant="paper", preset="mdpo", backend=backend)
-        assert out.metrics.keep.tolist() == [i in S for i in range(5)]
-        torch.testing.assert_close(out.metrics.alpha_m.item(), alpha_m)
+        out = F.damo_step(u, z, z, z, beta, running_mean=torch.tensor(0.0),
+                          config=DAMOConfig.from_preset("mdpo", variant="paper"), backend=backend)
+        assert out.keep.tolist() == [i in S for i in range(5)]
+        torch.testing.assert_close(out.alpha_m.item(), alpha_m)
         torch.testing.assert_close(out.loss.item(), sum(losses[i] for i in S) / 4)
         torch.testing.assert_close(out.running_mean.item(), (1 - gamma) * r_bar, rtol=1e-6, atol=1e-7)  # Eq. 15
 
@@ -199,7 +202,8 @@ def test_sampled_selection_frequencies():
     n = 3000
     counts = torch.zeros(5)
     for step in range(n):
-        counts += F.damo_step(u, z, z, z, torch.tensor(g), keep=3, step=step, backend=backend).metrics.keep.float()
+        counts += F.damo_step(u, z, z, z, running_mean=torch.tensor(g), config=DAMOConfig(keep=3), step=step,
+                              backend=backend).keep.float()
     freq = (counts / n).tolist()
     for f, p in zip(freq, want):
         assert abs(f - p) < 5 * math.sqrt(p * (1 - p) / n) + 1e-3, (freq, want)
@@ -208,10 +212,10 @@ def test_sampled_selection_frequencies():
 def test_same_seed_and_step_same_mask_on_every_backend(rng):
     logps, alpha_d = _inputs(rng, 300, "cpu")
     g = torch.tensor(-0.4)
-    masks = [_run(logps, alpha_d, g, {}, b, seed=11, step=42).metrics.keep
+    masks = [_run(logps, alpha_d, g, {}, b, seed=11, step=42).keep
              for b in backends(OP, "cpu", torch.float64, include_reference=True)]
     assert all(torch.equal(m, masks[0]) for m in masks)
-    other = _run(logps, alpha_d, g, {}, "reference", seed=11, step=43).metrics.keep
+    other = _run(logps, alpha_d, g, {}, "reference", seed=11, step=43).keep
     assert not torch.equal(other, masks[0])
 
 
@@ -227,14 +231,16 @@ def test_arguments_made_unread_by_the_callers_own_choice_pass():
     u = torch.zeros(4, dtype=torch.float64)
     for kw in (dict(filter="none", keep=3), dict(variant="paper", selection="topk"), dict(combine="product", rho=0.3),
                dict(preset="dpo", filter="both", keep=0.5)):
-        F.damo_step(u, u, u, u, torch.tensor(0.0), **kw)
+        F.damo_step(u, u, u, u, running_mean=torch.tensor(0.0), config=DAMOConfig.from_preset(kw.pop("preset", None),
+                                                                                              **kw))
 
 
 def test_filters_keep_what_table_3_says():
     u = torch.tensor([-3.0, -1.0, 0.0, 1.0, 3.0], dtype=torch.float64)
     z = torch.zeros(5, dtype=torch.float64)
     g = torch.tensor(0.0)
-    kept = {f: F.damo_step(u, z, z, z, g, filter=f, keep=3, variant="paper", beta=1.0).metrics.keep.tolist()
+    kept = {f: F.damo_step(u, z, z, z, 1.0, running_mean=g, config=DAMOConfig(filter=f, keep=3, variant="paper")
+                           ).keep.tolist()
             for f in ("both", "bottom", "top", "none")}
     assert kept["both"] == [False, True, True, True, False]  # both extremes dropped
     assert kept["bottom"] == [True, True, True, False, False]  # the largest rewards dropped
@@ -245,31 +251,33 @@ def test_filters_keep_what_table_3_says():
 def test_presets_apply_the_right_factors(rng):
     logps, alpha_d = _inputs(rng, 10, "cpu")
     g = torch.tensor(0.2)
-    dpo = F.damo_step(*logps, g, alpha_d=alpha_d, preset="dpo")
-    assert dpo.metrics.keep.all() and torch.allclose(dpo.metrics.beta, torch.full((10,), 0.1, dtype=torch.float64))
-    d2po = F.damo_step(*logps, g, alpha_d=alpha_d, preset="d2po")
-    assert d2po.metrics.keep.all() and torch.allclose(d2po.metrics.beta, 0.1 * alpha_d)
-    mdpo = F.damo_step(*logps, g, alpha_d=alpha_d, preset="mdpo")
-    assert int(mdpo.metrics.keep.sum()) == 8
-    torch.testing.assert_close(mdpo.metrics.beta, (0.1 * mdpo.metrics.alpha_m).expand(10).clamp(min=1e-3))
-    damo = F.damo_step(*logps, g, alpha_d=alpha_d, preset="damo")
-    torch.testing.assert_close(damo.metrics.beta, (0.1 * alpha_d * damo.metrics.alpha_m).clamp(min=1e-3))
+    dpo = F.damo_step(*logps, running_mean=g, alpha_d=alpha_d, config=DAMOConfig.from_preset("dpo"))
+    assert dpo.keep.all() and torch.allclose(dpo.beta, torch.full((10,), 0.1, dtype=torch.float64))
+    d2po = F.damo_step(*logps, running_mean=g, alpha_d=alpha_d, config=DAMOConfig.from_preset("d2po"))
+    assert d2po.keep.all() and torch.allclose(d2po.beta, 0.1 * alpha_d)
+    mdpo = F.damo_step(*logps, running_mean=g, alpha_d=alpha_d, config=DAMOConfig.from_preset("mdpo"))
+    assert int(mdpo.keep.sum()) == 8
+    torch.testing.assert_close(mdpo.beta, (0.1 * mdpo.alpha_m).expand(10).clamp(min=1e-3))
+    damo = F.damo_step(*logps, running_mean=g, alpha_d=alpha_d, config=DAMOConfig.from_preset("damo"))
+    torch.testing.assert_close(damo.beta, (0.1 * alpha_d * damo.alpha_m).clamp(min=1e-3))
 
 
 @pytest.mark.parametrize("device,backend,dtype", cases(OP))
 def test_underflowing_weights_keep_the_closest(rng, device, backend, dtype):
     u = torch.tensor([100.0, 90.0, 300.0, 95.0, 250.0], dtype=dtype, device=device)
     z = torch.zeros_like(u)
-    out = F.damo_step(u, z, z, z, torch.tensor(0.0, device=device), keep=3, backend=backend)
-    assert out.metrics.keep.tolist() == [True, True, False, True, False]
+    out = F.damo_step(u, z, z, z, running_mean=torch.tensor(0.0, device=device), config=DAMOConfig(keep=3),
+                      backend=backend)
+    assert out.keep.tolist() == [True, True, False, True, False]
 
 
 @pytest.mark.parametrize("device,backend,dtype", cases(OP))
 def test_ties_break_towards_the_lower_index(device, backend, dtype):
     u = torch.full((6,), 0.5, dtype=dtype, device=device)
     z = torch.zeros_like(u)
-    out = F.damo_step(u, z, z, z, torch.tensor(0.0, device=device), keep=4, selection="topk", backend=backend)
-    assert out.metrics.keep.tolist() == [True] * 4 + [False] * 2
+    out = F.damo_step(u, z, z, z, running_mean=torch.tensor(0.0, device=device),
+                      config=DAMOConfig(keep=4, selection="topk"), backend=backend)
+    assert out.keep.tolist() == [True] * 4 + [False] * 2
 
 
 @pytest.mark.parametrize("device,backend,dtype", cases(OP))
@@ -278,11 +286,11 @@ def test_non_finite_inputs_propagate_when_unchecked(device, backend, dtype, bad)
     u = torch.tensor([0.1, bad, 0.3, -0.2], dtype=dtype, device=device)
     z = torch.zeros_like(u)
     g = torch.tensor(0.25, device=device)
-    out = F.damo_step(u, z, z, z, g, check_inputs=False, backend=backend)
-    assert math.isnan(out.loss.item()) and not out.metrics.keep.any()
+    out = F.damo_step(u, z, z, z, running_mean=g, check_inputs=False, backend=backend)
+    assert math.isnan(out.loss.item()) and not out.keep.any()
     assert out.running_mean.item() == 0.25
     with pytest.raises(ValueError, match="policy_chosen_logps: expected finite values"):
-        F.damo_step(u, z, z, z, g, backend=backend)
+        F.damo_step(u, z, z, z, running_mean=g, backend=backend)
 
 
 @pytest.mark.parametrize("device,backend,dtype", cases(OP))
@@ -306,7 +314,7 @@ def test_checked_inputs_name_the_argument_and_change_nothing(rng, device, backen
         logps[i] = logps[i].clone().index_fill_(0, torch.tensor([1], device=device), float("-inf"))
     match = "beta: expected every beta > 0" if arg == "beta" else f"{arg}: expected finite values"
     with pytest.raises(ValueError, match=match):
-        F.damo_step(*logps, g, step=step, increment_step=True, inplace=True, backend=backend, **kw)
+        F.damo_step(*logps, running_mean=g, step=step, increment_step=True, inplace=True, backend=backend, **kw)
     assert step.item() == 4 and (g.item() == 0.25 or arg == "running_mean")
 
 
@@ -319,7 +327,7 @@ def test_gradient_through_per_pair_losses(rng, device, backend, dtype):
     g = torch.tensor(0.3, device=device)
     w = torch.rand(12, generator=rng, dtype=torch.float64).to(device=device, dtype=dtype)
     out, ref = _run(logps, alpha_d, g, {}, backend), _ref(logps, alpha_d, g, {})
-    for f in (lambda o: o.metrics.losses.sum(), lambda o: (o.metrics.losses * w).sum() + 3 * o.loss):
+    for f in (lambda o: o.losses.sum(), lambda o: (o.losses * w).sum() + 3 * o.loss):
         for a, b in zip(torch.autograd.grad(f(out), logps, retain_graph=True),
                         torch.autograd.grad(f(ref), logps, retain_graph=True)):
             torch.testing.assert_close(a, b)
@@ -360,10 +368,31 @@ def test_in_place_running_mean_and_step_tensor(rng):
     for backend in backends(OP, "cpu", torch.float64, include_reference=True):
         g, step = torch.tensor(0.0), torch.tensor(5)
         ref = _ref(logps, alpha_d, g.clone(), {}, step=5)
-        out = F.damo_step(*logps, g, alpha_d=alpha_d, seed=7, step=step, increment_step=True, inplace=True,
+        out = F.damo_step(*logps, running_mean=g, alpha_d=alpha_d, seed=7, step=step, increment_step=True, inplace=True,
                           backend=backend)
         assert out.running_mean is g and g.item() == ref.running_mean.item() and step.item() == 6
-        assert torch.equal(out.metrics.keep, ref.metrics.keep)
+        assert torch.equal(out.keep, ref.keep)
+
+
+@pytest.mark.parametrize("backend", backends(OP, "cpu", torch.float64, include_reference=True))
+def test_in_place_state_advances_the_version_counters(rng, backend):
+    """The running mean and the step counter written in place are seen by autograd: a graph that saved the running
+    mean before the step refuses to run backward on its stale value. A step that updates nothing leaves the running
+    mean's version and the step's value alone (the Triton operator declares ``step`` mutable, so reading it on the
+    device counts as a write to its version counter)."""
+    logps, alpha_d = _inputs(rng, 8, "cpu")
+    g, step = torch.tensor(0.2), torch.tensor(3)
+    scale = torch.tensor(2.0, requires_grad=True)
+    uses_g = scale * g  # saves g for its backward
+    versions = (g._version, step._version)
+    F.damo_step(*logps, running_mean=g, alpha_d=alpha_d, step=step, increment_step=True, inplace=True,
+                backend=backend)
+    assert g._version > versions[0] and step._version > versions[1]
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        uses_g.backward()
+    version, value = g._version, (g.item(), step.item())
+    F.damo_step(*logps, running_mean=g, alpha_d=alpha_d, step=step, backend=backend)
+    assert g._version == version and (g.item(), step.item()) == value
 
 
 @pytest.mark.parametrize("kw,match", [
@@ -387,28 +416,42 @@ def test_in_place_running_mean_and_step_tensor(rng):
     (dict(preset="dpo", keep=0.5), r"keep: has no effect here \(preset 'dpo'\): filter='none' keeps every pair"),
     (dict(preset="d2po", selection="topk"), r"selection: has no effect here \(preset 'd2po'\): only variant="),
     (dict(rho=0.3), r"rho: has no effect here \(the default\): only combine='sum'"),
+    (dict(config="dpo"), r"config: expected a DAMOConfig \(DAMOConfig.from_preset\(name, ...\) for a preset\), "
+                         "got str"),
 ])
 def test_bad_arguments_name_the_argument(kw, match):
+    """Configuration fields go through DAMOConfig.from_preset (checked there), the rest to damo_step."""
     logps = [torch.zeros(8) - 1 for _ in range(4)]
     kw = dict(kw)
     g = kw.pop("running_mean", torch.tensor(0.0))
+    fields = {k: kw.pop(k) for k in list(kw) if k in CONFIG_FIELDS}
     with pytest.raises((ValueError, TypeError), match=match):
-        F.damo_step(*logps, g, **kw)
+        if fields:
+            kw["config"] = DAMOConfig.from_preset(fields.pop("preset", None), **fields)
+        F.damo_step(*logps, running_mean=g, **kw)
+
+
+def test_one_way_to_configure():
+    """damo_step takes a DAMOConfig and nothing else: no preset or per-field keywords beside it."""
+    logps = [torch.zeros(8) - 1 for _ in range(4)]
+    for kw in (dict(preset="dpo"), dict(keep=3), dict(variant="paper")):
+        with pytest.raises(TypeError, match="unexpected keyword argument"):
+            F.damo_step(*logps, running_mean=torch.tensor(0.0), **kw)
 
 
 def test_mismatched_devices():
     a = torch.zeros(4)
     with pytest.raises(ValueError, match="policy_rejected_logps: expected device cpu"):
-        F.damo_step(a, a.to("meta"), a, a, torch.tensor(0.0))
+        F.damo_step(a, a.to("meta"), a, a, running_mean=torch.tensor(0.0))
 
 
 def test_keep_one_and_keep_ratio_one_are_different_configs(rng):
     """keep=1 is K = 1, keep=1.0 keeps every pair; 1 == 1.0 in Python, so no cache may mix them up."""
     logps, alpha_d = _inputs(rng, 8, "cpu")
     for first, second in ((1, 1.0), (1.0, 1)):
-        a = F.damo_step(*logps, torch.tensor(0.0), keep=first)
-        b = F.damo_step(*logps, torch.tensor(0.0), keep=second)
-        assert {int(a.metrics.keep.sum()), int(b.metrics.keep.sum())} == {1, 8}
+        a = F.damo_step(*logps, running_mean=torch.tensor(0.0), config=DAMOConfig(keep=first))
+        b = F.damo_step(*logps, running_mean=torch.tensor(0.0), config=DAMOConfig(keep=second))
+        assert {int(a.keep.sum()), int(b.keep.sum())} == {1, 8}
     assert DAMOConfig(keep=1) != DAMOConfig(keep=1.0) and DAMOConfig.from_preset(None, keep=1.0).keep == 1.0
 
 
@@ -417,11 +460,11 @@ def test_module_state_and_modes(rng):
     m = mmalign.nn.DAMOLoss(beta=0.1, seed=3)
     first = m(*logps, alpha_d=alpha_d)
     assert m.step.item() == 1 and m.running_mean.item() == first.running_mean.item() != 0
-    clone = mmalign.nn.DAMOLoss(preset="dpo")
+    clone = mmalign.nn.DAMOLoss(config=DAMOConfig.from_preset("dpo"))
     clone.load_state_dict(m.state_dict())
     assert clone.seed == 3 and clone.config == m.config and clone.step.item() == 1
     a, b = m(*logps, alpha_d=alpha_d), clone(*logps, alpha_d=alpha_d)  # resumed: same draw at step 1
-    assert torch.equal(a.metrics.keep, b.metrics.keep) and m.running_mean.item() == clone.running_mean.item()
+    assert torch.equal(a.keep, b.keep) and m.running_mean.item() == clone.running_mean.item()
     m.eval()
     before = (m.running_mean.item(), m.step.item())
     m(*logps, alpha_d=alpha_d)
@@ -445,17 +488,6 @@ def test_module_keeps_a_float32_running_mean_through_model_casts(rng, cast):
     assert out.running_mean is model.loss.running_mean and model.loss.step.item() == 2
 
 
-def test_opcheck(rng):
-    if "cpp" not in backends(OP, "cpu", torch.float32):
-        pytest.skip("extension not built")
-    logps, alpha_d = _inputs(rng, 9, "cpu", torch.float32)
-    args = (*logps, None, 0.1, alpha_d, None, torch.tensor(0.0), torch.tensor(0.0), torch.tensor(2), 0, 5, 7, 0.9, 0.5,
-            0.0, 1e-3, False, 2, 0, True, False, True, True)
-    torch.library.opcheck(torch.ops.mmalign.damo_step_fwd.default, args)
-    grads = tuple(t.detach().requires_grad_() for t in logps)  # the C++ autograd op, its gradient included
-    torch.library.opcheck(torch.ops.mmalign.damo_step.default, grads + args[4:])
-
-
 def _step_without_sync(n: int, backend=None):
     """One DAMOLoss step (check_inputs=False) on n CUDA pairs under sync debug mode "error": any host
     synchronization raises."""
@@ -467,7 +499,7 @@ def _step_without_sync(n: int, backend=None):
         out = m(*logps)
     finally:
         torch.cuda.set_sync_debug_mode(0)
-    assert m.step.item() == 1 and out.metrics.keep.sum().item() == int(0.8 * n)
+    assert m.step.item() == 1 and out.keep.sum().item() == int(0.8 * n)
     return m, logps
 
 
@@ -534,8 +566,9 @@ def test_multi_program_path_matches_the_reference(rng, multi_program, cfg):
     logps = [t.requires_grad_() for t in logps]
     g, step = torch.tensor(0.3, device=dev), torch.tensor(3, device=dev)
     kw = dict(cfg)
-    out = F.damo_step(*logps, g, beta=0.1, alpha_d=alpha_d, preset=kw.pop("preset", None), seed=7, step=step,
-                      increment_step=True, backend="triton", **kw)
+    config = DAMOConfig.from_preset(kw.pop("preset", None), **kw)
+    out = F.damo_step(*logps, 0.1, running_mean=g, alpha_d=alpha_d, config=config, seed=7, step=step,
+                      increment_step=True, backend="triton")
     assert multi_program and step.item() == 4
     ref = _ref(logps, alpha_d, g, cfg)
     _assert_same(out, ref)
@@ -555,13 +588,13 @@ def test_multi_program_path_with_weights_beta_tensor_and_many_programs(rng, mult
     beta = 0.05 + 0.1 * torch.rand(70, generator=rng, dtype=torch.float64).to(dev)
     weights = torch.rand(70, generator=rng, dtype=torch.float64).to(dev)
     for cfg in (DAMOConfig(variant="paper"), DAMOConfig(combine="sum", rho=0.3)):
-        out = F.damo_step(*logps, torch.tensor(0.4, device=dev), beta=beta, alpha_d=alpha_d, weights=weights,
+        out = F.damo_step(*logps, beta, running_mean=torch.tensor(0.4, device=dev), alpha_d=alpha_d, weights=weights,
                           config=cfg, seed=3, step=11, backend="triton")
         ref = damo_step_reference(*logps, beta, torch.tensor(0.4, device=dev), cfg, alpha_d=alpha_d, weights=weights,
                                   seed=3, step=11)
         _assert_same(out, ref)
         probe = torch.randn(70, generator=rng, dtype=torch.float64).to(dev)
-        objective = lambda o: o.loss + (o.metrics.losses * probe).sum()  # noqa: E731
+        objective = lambda o: o.loss + (o.losses * probe).sum()  # noqa: E731
         for a, b in zip(torch.autograd.grad(objective(out), logps), torch.autograd.grad(objective(ref), logps)):
             torch.testing.assert_close(a, b)
 
@@ -571,8 +604,9 @@ def test_multi_program_gradcheck(rng, multi_program):
     dev = DEVICES[-1]
     logps, alpha_d = _inputs(rng, 40, dev)
     logps = [t.requires_grad_() for t in logps]
-    f = lambda *x: F.damo_step(*x, torch.tensor(0.2, device=dev), alpha_d=alpha_d, preset="d2po",  # noqa: E731
-                               variant="paper", filter="both", keep=30, backend="triton").loss
+    cfg = DAMOConfig.from_preset("d2po", variant="paper", filter="both", keep=30)
+    f = lambda *x: F.damo_step(*x, running_mean=torch.tensor(0.2, device=dev), alpha_d=alpha_d,  # noqa: E731
+                               config=cfg, backend="triton").loss
     assert torch.autograd.gradcheck(f, logps)
 
 
@@ -586,20 +620,22 @@ def test_multi_program_keys_equal_the_one_program_keys(rng, monkeypatch):
         pytest.skip("no Triton backend here")
     logps, alpha_d = _inputs(rng, 300, dev, torch.float32)
     for cfg in (DAMOConfig(), DAMOConfig(variant="paper"), DAMOConfig(filter="top", keep=17)):
-        run = lambda: F.damo_step(*logps, torch.tensor(0.4, device=dev), alpha_d=alpha_d, config=cfg,  # noqa: E731
+        run = lambda: F.damo_step(*logps, running_mean=torch.tensor(0.4, device=dev), alpha_d=alpha_d,  # noqa: E731
+                                  config=cfg,
                                   seed=5, step=9, backend="triton")
         one = run()
         monkeypatch.setattr(dt, "MAX_FUSED_N", 64)
         monkeypatch.setattr(dt, "MP_BLOCK", 64)
         many = run()
         monkeypatch.undo()
-        assert torch.equal(one.metrics.keep, many.metrics.keep)
+        assert torch.equal(one.keep, many.keep)
         torch.testing.assert_close(one.loss, many.loss)
         torch.testing.assert_close(one.running_mean, many.running_mean)
         if "cpp" in backends(OP, "cpu", torch.float32):
-            c = F.damo_step(*[t.cpu() for t in logps], torch.tensor(0.4), alpha_d=alpha_d.cpu(), config=cfg, seed=5,
+            c = F.damo_step(*[t.cpu() for t in logps], running_mean=torch.tensor(0.4), alpha_d=alpha_d.cpu(),
+                            config=cfg, seed=5,
                             step=9, backend="cpp")
-            assert torch.equal(c.metrics.keep, many.metrics.keep.cpu())
+            assert torch.equal(c.keep, many.keep.cpu())
 
 
 @pytest.mark.parametrize("cfg", [DAMOConfig(), DAMOConfig(variant="paper", filter="bottom"),
@@ -613,14 +649,15 @@ def test_multi_program_path_at_its_real_sizes(rng, cfg):
     if "triton" not in backends(OP, dev, torch.float32) or "cpp" not in backends(OP, "cpu", torch.float32):
         pytest.skip("needs the Triton and C++ backends")
     logps, alpha_d = _inputs(rng, dt.MAX_FUSED_N + 808, dev, torch.float32)
-    a = F.damo_step(*logps, torch.tensor(0.3, device=dev), alpha_d=alpha_d, config=cfg, seed=3, step=5,
+    a = F.damo_step(*logps, running_mean=torch.tensor(0.3, device=dev), alpha_d=alpha_d, config=cfg, seed=3, step=5,
                     backend="triton")
-    b = F.damo_step(*[t.cpu() for t in logps], torch.tensor(0.3), alpha_d=alpha_d.cpu(), config=cfg, seed=3, step=5,
+    b = F.damo_step(*[t.cpu() for t in logps], running_mean=torch.tensor(0.3), alpha_d=alpha_d.cpu(), config=cfg,
+                    seed=3, step=5,
                     backend="cpp")
-    assert torch.equal(a.metrics.keep.cpu(), b.metrics.keep)
+    assert torch.equal(a.keep.cpu(), b.keep)
     torch.testing.assert_close(a.loss.cpu(), b.loss)
     torch.testing.assert_close(a.running_mean.cpu(), b.running_mean)
-    torch.testing.assert_close(a.metrics.losses.cpu(), b.metrics.losses)
+    torch.testing.assert_close(a.losses.cpu(), b.losses)
 
 
 def test_multi_program_underflowing_weights_keep_the_closest(multi_program):
@@ -630,8 +667,8 @@ def test_multi_program_underflowing_weights_keep_the_closest(multi_program):
     u = torch.linspace(-3, 3, 40, dtype=torch.float64, device=dev)
     z = torch.zeros(40, dtype=torch.float64, device=dev)
     g = torch.tensor(1000.0, device=dev)
-    out = F.damo_step(u, z, z, z, g, keep=10, backend="triton")
-    assert out.metrics.keep.nonzero().flatten().tolist() == list(range(30, 40))
+    out = F.damo_step(u, z, z, z, running_mean=g, config=DAMOConfig(keep=10), backend="triton")
+    assert out.keep.nonzero().flatten().tolist() == list(range(30, 40))
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy sees 1 / 0 (sum of kept weights)
@@ -642,23 +679,7 @@ def test_multi_program_path_propagates_non_finite_inputs(multi_program, bad):
     u[33] = bad
     u.requires_grad_()
     z = torch.zeros(40, dtype=torch.float64, device=dev)
-    out = F.damo_step(u, z, z, z, torch.tensor(0.25, device=dev), check_inputs=False, backend="triton")
-    assert math.isnan(out.loss.item()) and not out.metrics.keep.any() and out.running_mean.item() == 0.25
-    assert torch.isnan(out.metrics.losses).all()
+    out = F.damo_step(u, z, z, z, running_mean=torch.tensor(0.25, device=dev), check_inputs=False, backend="triton")
+    assert math.isnan(out.loss.item()) and not out.keep.any() and out.running_mean.item() == 0.25
+    assert torch.isnan(out.losses).all()
     assert torch.isnan(torch.autograd.grad(out.loss, u)[0]).all()
-
-
-@pytest.mark.filterwarnings("ignore:Dynamo detected a call to a `functools.lru_cache`")
-def test_torch_compile_runs_the_step(rng):
-    """Under torch.compile the step gives the eager values and gradients (the C++ operator has fake
-    kernels; its autograd is C++)."""
-    logps, alpha_d = _inputs(rng, 16, "cpu", torch.float32)
-    logps = [t.requires_grad_() for t in logps]
-
-    def step(*x):
-        return F.damo_step(*x, torch.tensor(0.3), alpha_d=alpha_d, selection="topk", check_inputs=False).loss * 2
-
-    out, ref = torch.compile(step, backend="aot_eager")(*logps), step(*logps)
-    torch.testing.assert_close(out, ref)
-    for a, b in zip(torch.autograd.grad(out, logps), torch.autograd.grad(ref, logps)):
-        torch.testing.assert_close(a, b)

@@ -14,6 +14,7 @@ import torch
 
 from mmalign.ops import damo_step as ds
 from mmalign.ops.damo_step import DAMOConfig
+from mmalign.ops.limits import DAMO_ONE_PROGRAM_MAX_N
 
 from .._numerics import backends
 
@@ -155,9 +156,9 @@ def test_underflowing_weights_and_non_finite_inputs(kernel):
 
 
 def test_one_block_limit_is_the_python_side_limit(kernel):
-    """kMaxN of the kernel (one block) is ds.CUDA_MAX_N, past which fused_step sends "cuda" to Triton: the
-    host entry refuses CUDA_MAX_N + 1 pairs before touching any pointer (8192 runs in the test above)."""
-    args = [ctypes.c_int(1), ctypes.c_int64(ds.CUDA_MAX_N + 1)] + [None] * 35
+    """kMaxN of the kernel (one block) is limits.DAMO_ONE_PROGRAM_MAX_N, past which mmalign._dispatch sends "cuda"
+    to Triton: the host entry refuses one pair more before touching any pointer (8192 runs in the test above)."""
+    args = [ctypes.c_int(1), ctypes.c_int64(DAMO_ONE_PROGRAM_MAX_N + 1)] + [None] * 35
     assert kernel(*args) == 1
 
 

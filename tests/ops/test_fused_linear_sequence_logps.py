@@ -35,14 +35,15 @@ def _reference(hidden, weight, bias, labels, reduction="sum"):
 def test_matches_reference_fp64(rng, poison, device, backend, dtype, chunk_size, bias, V):
     hidden, weight, b, labels = _inputs(rng, 2, 6, 16, V, device, bias=bias)
     leaves = [t.requires_grad_() for t in (hidden, weight, b) if t is not None]
-    out = F.fused_linear_sequence_logps(hidden, weight, labels, bias=b, chunk_size=chunk_size,
-                                        return_token_logps=True, backend=backend)
+    out = F.fused_linear_sequence_logps(hidden, weight, labels, bias=b, chunk_size=chunk_size, backend=backend)
+    tok = F.fused_linear_token_logps(hidden, weight, labels, bias=b, chunk_size=chunk_size, backend=backend)
     g = torch.randn(2, generator=rng, dtype=dtype).to(device)
-    grads = torch.autograd.grad((out.logps * g).sum(), leaves)
+    g_tok = torch.randn(2, 6, generator=rng, dtype=dtype).to(device)
+    grads = torch.autograd.grad((out * g).sum() + (tok * g_tok).sum(), leaves)
     ref, ref_tok = _reference(hidden, weight, b, labels)
-    ref_grads = torch.autograd.grad((ref * g).sum(), leaves)
-    torch.testing.assert_close(out.logps, ref)
-    torch.testing.assert_close(out.token_logps, ref_tok)
+    ref_grads = torch.autograd.grad((ref * g).sum() + (ref_tok * g_tok).sum(), leaves)
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(tok, ref_tok)
     for got, want in zip(grads, ref_grads):
         torch.testing.assert_close(got, want)
 
