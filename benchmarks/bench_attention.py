@@ -1,4 +1,4 @@
-"""masked_attention (BDHS, SPEC.md §7): causal attention over a LLaVA-1.6-like sequence whose image keys
+"""masked_attention (BDHS, docs/math.md §7): causal attention over a LLaVA-1.6-like sequence whose image keys
 are ~99% hidden (ρ_th = 0.99), prefill and decode. Providers, all forward only:
 
   sdpa-mask     torch SDPA with the equivalent boolean mask (falls off the flash path)

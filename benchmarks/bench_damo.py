@@ -1,5 +1,5 @@
-"""The DAMO step, forward + backward: mmalign's fused kernel vs the eager reference (SPEC.md §3, literal)
-vs an eager transcription of the released code's style (SPEC.md §3 "official": torch.multinomial,
+"""The DAMO step, forward + backward: mmalign's fused kernel vs the eager reference (docs/math.md §3, literal)
+vs an eager transcription of the released code's style (docs/math.md §3 "official": torch.multinomial,
 .item() and Python indexing every step), at N = 16, 256, 4096 pairs, and 16384 (on CUDA past one Triton
 program: the multi-program path).
 
@@ -24,7 +24,7 @@ from conftest import run_case
 
 
 def released_style_step(pc, pr, rc, rr, state, alpha_d, beta=0.1, keep_ratio=0.8, gamma=0.9):
-    """SPEC.md §3 "official" written the way the released trainer computes it (host-side running mean)."""
+    """docs/math.md §3 "official" written the way the released trainer computes it (host-side running mean)."""
     logits = (pc - pr) - (rc - rr)
     A = logits.detach()
     g = state["g"]

@@ -49,7 +49,7 @@ from conftest import bench_dtype, decoder_dims, decoder_label, run_case
 PROVIDERS = ["trl", "trl-ckpt", "mmalign-dpo", "mmalign-damo", "mmalign-dpo-autocast", "mmalign-dpo-ckpt",
              "mmalign-dpo-autocast-ckpt", "mmalign-dpo-full", "mmalign-dpo-lora", "trl-lora"]
 STEPS = 3
-LORA = {"r": 128, "alpha": 256, "target": "llm"}  # the alignment study's (SPEC.md section 11)
+LORA = {"r": 128, "alpha": 256, "target": "llm"}  # the alignment study's (docs/math.md section 11)
 
 
 def _qwen(device, quick):

@@ -58,7 +58,7 @@ def build(paths, commit_id: str | None = None) -> tuple[str, dict]:
         # the baseline: eager PyTorch; the released DAMO code's style; SDPA with a boolean mask; generate() per sentence
         eager = eager or by.get("released-style") or by.get("sdpa-mask") or by.get("per-sentence") or by.get("trl")
         base = eager["extra_info"]["provider"] if eager else "eager"
-        ref = by.get("reference") if base != "reference" else None  # the eager transcription of SPEC.md
+        ref = by.get("reference") if base != "reference" else None  # the eager transcription of docs/math.md
         whole = any("held_bytes" in r["extra_info"] for r in rows)  # inputs' own memory counted (trainers)
         mem_col = "peak mem, inputs included" if whole else "peak mem above inputs"
         lines += [f"## {name}", "", f"| provider | median | speedup vs {base} |"

@@ -1,4 +1,4 @@
-// The fused DAMO step (SPEC.md sections 2, 3, 5): shared argument bundle and checks.
+// The fused DAMO step (docs/math.md sections 2, 3, 5): shared argument bundle and checks.
 #pragma once
 #include <ATen/core/Tensor.h>
 

@@ -3,10 +3,10 @@
 // The Autograd kernel wraps mmalign::damo_step_fwd (whichever device kernel the dispatcher finds for
 // the inputs) in a torch::autograd::Function; its backward is one loop on CPU and one kernel on CUDA
 // (ATen ops for tensors seen while tracing). The forward kernel already computes d loss / d u_i and
-// d l_i / d u_i (closed form, SPEC.md section 2), so backward is one multiply-add per pair:
+// d l_i / d u_i (closed form, docs/math.md section 2), so backward is one multiply-add per pair:
 //   u = (pc - rc) - (pr - rr)  ->  grad pc = grad rr = gu,  grad pr = grad rc = -gu,
 //   gu = grad_loss * (d loss / d u) + grad_losses * (d l / d u).
-// beta_i, alpha_D, the weights and the kept set are constants for the gradient (SPEC.md section 3).
+// beta_i, alpha_D, the weights and the kept set are constants for the gradient (docs/math.md section 3).
 // The CompositeExplicitAutograd kernel serves calls that bypass autograd (inference mode, no_grad
 // tensors without autograd keys).
 #include <ATen/Dispatch.h>

@@ -83,7 +83,7 @@ MMALIGN_HD void sigmoid_loss(T m, T e, T l1pe, T beta_i, T eps, T& loss, T& dl_d
   dl_du = beta_i * (-(1 - eps) * sig_neg + eps * sig);
 }
 
-// The per-pair loss l(beta_i, u) of SPEC.md section 2 and dl/du: sigmoid (kind 0), ipo (1), hinge (2).
+// The per-pair loss l(beta_i, u) of docs/math.md section 2 and dl/du: sigmoid (kind 0), ipo (1), hinge (2).
 template <typename T>
 MMALIGN_HD void pair_loss(T u, T beta_i, T eps, int64_t kind, T& loss, T& dl_du) {
   using std::exp;

@@ -1,4 +1,4 @@
-// Per-token label log-probabilities (SPEC.md section 1), shared declarations.
+// Per-token label log-probabilities (docs/math.md section 1), shared declarations.
 //
 //   tok[b,t] = z[b,t,y[b,t]] - logsumexp_v z[b,t,v]      (0 where y == ignore_index)
 //   grad z[b,t,v] = g[b,t] * (1[v == y[b,t]] - exp(z[b,t,v] - lse[b,t]))   (0 where ignored)

@@ -4,7 +4,7 @@ Backends:
   ``triton``    Triton kernels: CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1`` (tests).
   ``cuda``      hand-written CUDA C++ kernels in ``mmalign._C`` (built when nvcc + CUDA torch exist).
   ``cpp``       C++ CPU kernels in ``mmalign._C``.
-  ``reference`` eager PyTorch transcribing SPEC.md; runs everywhere, slowest, most memory.
+  ``reference`` eager PyTorch transcribing docs/math.md; runs everywhere, slowest, most memory.
 
 Automatic selection takes the first backend of ``PRIORITY[device type]`` that has no reason against it.
 ``backend=`` (per call) or the ``MMALIGN_BACKEND`` environment variable (``triton`` for every op, or

@@ -1,4 +1,4 @@
-"""Preference datasets: the canonical record of SPEC.md §8 and adapters for the layouts people ship.
+"""Preference datasets: the canonical record of docs/math.md §8 and adapters for the layouts people ship.
 
 Every pipeline (``mmalign hardness``, ``mmalign bdhs``, the trainer) reads its input through
 :func:`iter_records`, which yields one :class:`PairRecord` per input row, in input order, or a
@@ -11,7 +11,7 @@ file, a directory of ``.parquet`` files (read in name order), or a directory wri
 Layouts (``layout="auto"`` picks one from the first row's columns):
 
 ========== ======================================================================================
-canonical  ``id``, ``image``, ``prompt``, ``chosen``, ``rejected`` (SPEC.md §8)
+canonical  ``id``, ``image``, ``prompt``, ``chosen``, ``rejected`` (docs/math.md §8)
 rlaif-v    openbmb/RLAIF-V-Dataset: ``question`` -> prompt, ``idx`` -> id, ``image`` (embedded
            bytes) or ``image_path``; ``ds_name``, ``origin_dataset``, ``origin_split`` kept
 povid      POVID (LLaVA conversation style): the first human turn of ``conversations`` (``<image>``
@@ -56,7 +56,7 @@ class PairRecord:
         return where(self.index, self.line, self.id)
 
     def canonical(self) -> dict:
-        """The record as a JSON-ready canonical dict (SPEC.md §8), extra columns after the canonical ones."""
+        """The record as a JSON-ready canonical dict (docs/math.md §8), extra columns after the canonical ones."""
         out = {"id": self.id, "image": image_to_json(self.image), "prompt": self.prompt,
                "chosen": self.chosen, "rejected": self.rejected}
         out.update({k: v for k, v in self.extra.items() if k not in out})

@@ -43,7 +43,7 @@ def _check_values(check: bool) -> bool:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Log-probabilities (SPEC.md section 1)
+# Log-probabilities (docs/math.md section 1)
 # ----------------------------------------------------------------------------------------------------
 
 
@@ -70,7 +70,7 @@ def _token_logps(op, logits, labels, ignore_index, inplace_backward, check_label
 
 def token_logps(logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: int = -100,
                 inplace_backward: bool = False, check_labels: bool = True, backend: str | None = None) -> torch.Tensor:
-    """Per-token label log-probabilities, SPEC.md section 1: ``z[b,t,y] - logsumexp_v z[b,t,v]``, fused (no
+    """Per-token label log-probabilities, docs/math.md section 1: ``z[b,t,y] - logsumexp_v z[b,t,v]``, fused (no
     log_softmax, no fp32 copy of the logits).
 
     Args:
@@ -90,7 +90,7 @@ def token_logps(logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: int
 def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: int = -100,
                    reduction: str = "sum", inplace_backward: bool = False, check_labels: bool = True,
                    backend: str | None = None) -> torch.Tensor:
-    """Sequence log-probabilities of the labels, SPEC.md section 1: ``logp[b] = sum_t tok[b,t]``
+    """Sequence log-probabilities of the labels, docs/math.md section 1: ``logp[b] = sum_t tok[b,t]``
     (reduction="sum") or ``/ n_b`` non-ignored tokens ("mean"; 0 tokens give 0), with ``tok`` of
     :func:`token_logps` (same arguments). Returns (B,) float32 (float64 for float64 logits); for the per-token
     values as well, call :func:`token_logps` and sum over T (``logp = tok.sum(-1)`` is exactly the "sum").
@@ -106,7 +106,7 @@ def fused_linear_token_logps(hidden: torch.Tensor, weight: torch.Tensor, labels:
                              memory_budget_mb: float = 256.0, accumulate_fp32: bool = True, check_labels: bool = True,
                              logit_scale: float = 1.0, logit_softcap: float | None = None,
                              backend: str | None = None) -> torch.Tensor:
-    """``token_logps(hidden @ weight.T + bias, labels)`` without the logits of all tokens, SPEC.md §1.
+    """``token_logps(hidden @ weight.T + bias, labels)`` without the logits of all tokens, docs/math.md §1.
 
     Only positions whose label is not ``ignore_index`` are computed (gathered first: one host
     synchronization for their count; under torch.compile every position, the ignored ones giving 0),
@@ -136,7 +136,7 @@ def fused_linear_sequence_logps(hidden: torch.Tensor, weight: torch.Tensor, labe
                                 memory_budget_mb: float = 256.0, accumulate_fp32: bool = True,
                                 check_labels: bool = True, logit_scale: float = 1.0,
                                 logit_softcap: float | None = None, backend: str | None = None) -> torch.Tensor:
-    """``sequence_logps(hidden @ weight.T + bias, labels)`` without the logits of all tokens, SPEC.md §1: the
+    """``sequence_logps(hidden @ weight.T + bias, labels)`` without the logits of all tokens, docs/math.md §1: the
     per-token values of :func:`fused_linear_token_logps` (same arguments) reduced over T ("sum" or "mean", as in
     :func:`sequence_logps`). Returns (B,) float32 (float64 for float64 inputs)."""
     _checks.choice("reduction", reduction, ("sum", "mean"))
@@ -192,7 +192,7 @@ def _logit_transform_args(scale, softcap) -> tuple[float, float | None]:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Preference losses and the DAMO step (SPEC.md sections 2, 3, 5)
+# Preference losses and the DAMO step (docs/math.md sections 2, 3, 5)
 # ----------------------------------------------------------------------------------------------------
 
 
@@ -266,7 +266,7 @@ def preference_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: to
                     loss_type: str = "sigmoid", label_smoothing: float = 0.0, weights: torch.Tensor | None = None,
                     reduction: str = "mean", check_inputs: bool = True,
                     backend: str | None = None) -> PreferenceLossOutput:
-    """DPO / IPO / hinge loss with a scalar or per-pair beta, SPEC.md section 2, in one fused launch.
+    """DPO / IPO / hinge loss with a scalar or per-pair beta, docs/math.md section 2, in one fused launch.
 
     Args: the four (N,) sequence log-probs (of different float dtypes: computed in their promoted dtype,
     as torch promotes them); ``beta`` a float, 0-dim or (N,) tensor (> 0, a constant for gradients);
@@ -303,7 +303,7 @@ def damo_step(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Te
               weights: torch.Tensor | None = None, seed: int = 0, step: int | torch.Tensor = 0,
               increment_step: bool = False, inplace: bool = False, group=None, check_inputs: bool = True,
               backend: str | None = None) -> DAMOStepOutput:
-    """The model-aware DAMO step of SPEC.md section 3 (and section 5's presets) in one launch.
+    """The model-aware DAMO step of docs/math.md section 3 (and section 5's presets) in one launch.
 
     Args:
         policy_*/ref_* logps: (N,) sequence log-probs (policy ones differentiable); of different float
@@ -313,7 +313,7 @@ def damo_step(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Te
             updated value is returned either way.
         config: a :class:`DAMOConfig`; None is ``DAMOConfig()`` (the damo preset: variant="official",
             selection="sample", filter="both", keep=0.8, gamma=0.9, combine="product", loss_type="sigmoid").
-            The presets of SPEC.md §5: ``DAMOConfig.from_preset("dpo" | "d2po" | "mdpo" | "damo", **fields)``.
+            The presets of docs/math.md §5: ``DAMOConfig.from_preset("dpo" | "d2po" | "mdpo" | "damo", **fields)``.
         alpha_d: (N,) data-aware factors or None (1); weights: (N,) per-pair weights of the mean over S.
         seed, step: the random draw of selection="sample" is a function of (seed, step, i) only;
             ``step`` may be a 0-dim int64 tensor read on the device (CUDA graphs) and incremented by the
@@ -329,7 +329,7 @@ def damo_step(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Te
         backend: None (automatic: "cpp" on CPU; on CUDA "cuda" up to 256 pairs, "triton" beyond), "triton"
             (one program up to mmalign.ops.limits.DAMO_ONE_PROGRAM_MAX_N pairs, a multi-program path beyond),
             "cuda" (the CUDA C++ kernel with C++ autograd, up to that many pairs, then Triton), "cpp", or
-            "reference" (SPEC.md literally, host syncs).
+            "reference" (docs/math.md literally, host syncs).
     Returns: :class:`DAMOStepOutput` (loss, losses, chosen_rewards, rejected_rewards, margins, accuracies, keep,
     alpha_m, beta, running_mean); gradients flow to the four log-probs through loss and losses."""
     cfg = _DEFAULT_CONFIG if config is None else config

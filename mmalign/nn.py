@@ -14,7 +14,7 @@ __all__ = ["SequenceLogps", "FusedLinearSequenceLogps", "PreferenceLoss", "DAMOL
 
 
 class SequenceLogps(torch.nn.Module):
-    """Module form of :func:`mmalign.functional.sequence_logps` (SPEC.md section 1): (B, T, V) logits and (B, T)
+    """Module form of :func:`mmalign.functional.sequence_logps` (docs/math.md section 1): (B, T, V) logits and (B, T)
     labels -> (B,) log-probabilities."""
 
     def __init__(self, ignore_index: int = -100, reduction: str = "sum", inplace_backward: bool = False,
@@ -55,7 +55,7 @@ class FusedLinearSequenceLogps(torch.nn.Module):
 
 
 class PreferenceLoss(torch.nn.Module):
-    """Module form of :func:`mmalign.functional.preference_loss` (SPEC.md section 2): the four (N,) log-probs ->
+    """Module form of :func:`mmalign.functional.preference_loss` (docs/math.md section 2): the four (N,) log-probs ->
     :class:`PreferenceLossOutput`."""
 
     def __init__(self, beta: float = 0.1, *, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
@@ -76,7 +76,7 @@ class PreferenceLoss(torch.nn.Module):
 
 
 class DAMOLoss(torch.nn.Module):
-    """The DAMO loss (SPEC.md section 3) as a module: holds the configuration (a :class:`DAMOConfig`; None is
+    """The DAMO loss (docs/math.md section 3) as a module: holds the configuration (a :class:`DAMOConfig`; None is
     ``DAMOConfig()``, the damo preset; ``DAMOConfig.from_preset(...)`` for the others), the running mean g and the
     step counter as buffers (saved in ``state_dict``, restored on load), the seed of the sampled selection (saved
     as extra state), and the process group of data-parallel training, if any. Each training-mode call runs
@@ -137,7 +137,7 @@ class DAMOLoss(torch.nn.Module):
 
 
 class MaskedAttention(torch.nn.Module):
-    """Module form of :func:`mmalign.functional.masked_attention` (SPEC.md section 7): causal attention in which
+    """Module form of :func:`mmalign.functional.masked_attention` (docs/math.md section 7): causal attention in which
     ``key_keep[b, j] = False`` hides key j of sample b (from the queries ``query_scope`` marks, when given)."""
 
     def __init__(self, causal: bool = True, scale: float | None = None, num_splits: int | None = None,

@@ -1,5 +1,5 @@
 """Data-parallel DAMO step: two gloo processes given the group agree on the mask and the running mean, and their
-losses sum to the single-process loss of the global batch (SPEC.md section 3, "Batches, ranks and accumulation");
+losses sum to the single-process loss of the global batch (docs/math.md section 3, "Batches, ranks and accumulation");
 without a group, nothing communicates, even with torch.distributed initialized."""
 from datetime import timedelta
 

@@ -1,4 +1,4 @@
-// CPU kernel of the fused DAMO step (SPEC.md sections 2, 3, 5); mirrors _damo_step_kernel in
+// CPU kernel of the fused DAMO step (docs/math.md sections 2, 3, 5); mirrors _damo_step_kernel in
 // mmalign/ops/damo_step_triton.py, and shares its per-pair math with the CUDA kernel (damo_step_math.h):
 // same keys, same float32 ordering with ties towards the lower index, same counter-based random numbers,
 // so every backend keeps the same pairs. The per-pair loss shares one exp and one log1p between

@@ -1,4 +1,4 @@
-// CPU kernels for per-token label log-probabilities (SPEC.md section 1).
+// CPU kernels for per-token label log-probabilities (docs/math.md section 1).
 //
 // One task per row (b, t) through at::parallel_for. A row is read in chunks of CHUNK elements,
 // converted to the accumulation type into a stack buffer, and folded into a running (max, sum-exp)

@@ -1,4 +1,4 @@
-// CUDA kernel of the fused DAMO step (SPEC.md sections 2, 3, 5): the whole step in one thread block,
+// CUDA kernel of the fused DAMO step (docs/math.md sections 2, 3, 5): the whole step in one thread block,
 // launched from C++ (no Python launcher on the way), for batches of up to kMaxN pairs.
 //
 // Each thread holds up to kItems pairs (pair i = threadIdx.x + k * blockDim.x) in registers. Block

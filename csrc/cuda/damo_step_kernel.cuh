@@ -222,7 +222,7 @@ __global__ void __launch_bounds__(kThreads) damo_step_kernel(const StepParams<sc
   }
 }
 
-// Backward (SPEC.md section 2's gradient, closed form): gu_i = g_loss * grad_u_i + g_losses_i * dl_du_i for
+// Backward (docs/math.md section 2's gradient, closed form): gu_i = g_loss * grad_u_i + g_losses_i * dl_du_i for
 // the grad of pc and rr, -gu_i for pr and rc (neg may be null). g_loss / g_losses may be null (undefined
 // gradients); g_losses has stride s_gls (0 for an expanded gradient).
 template <typename acc_t>

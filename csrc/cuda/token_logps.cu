@@ -1,4 +1,4 @@
-// CUDA kernels for per-token label log-probabilities (SPEC.md section 1).
+// CUDA kernels for per-token label log-probabilities (docs/math.md section 1).
 //
 // One thread block per row (b, t). Forward: every thread folds its share of the row into a running
 // (max, sum-exp) pair, reading 16-byte vectors when the row is aligned, then the block merges the pairs;

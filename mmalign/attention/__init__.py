@@ -1,4 +1,4 @@
-"""Attention for BDHS (SPEC.md §7): causal attention that hides image keys (:func:`masked_attention`),
+"""Attention for BDHS (docs/math.md §7): causal attention that hides image keys (:func:`masked_attention`),
 the exact compaction that removes hidden tokens instead (:func:`compact_image_tokens`), the mask of
 Eq. 6 (:func:`sample_image_keep`), and the Hugging Face attention implementation ``"mmalign_masked"``
 (:mod:`mmalign.attention.hf`)."""

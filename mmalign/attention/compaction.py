@@ -1,4 +1,4 @@
-"""Exact compaction (SPEC.md §7): a hidden image token is read by no query at any layer, so hiding it is
+"""Exact compaction (docs/math.md §7): a hidden image token is read by no query at any layer, so hiding it is
 the same as removing it from the sequence, provided every remaining token keeps its original position
 id. This turns masked attention into ordinary attention over a shorter sequence (the fast path of the
 BDHS engine), and :func:`sample_image_keep` draws the mask of Eq. 6.

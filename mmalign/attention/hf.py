@@ -10,7 +10,7 @@
 The image-key mask travels beside the model call (the context manager, or the ``mmalign_key_keep`` /
 ``mmalign_query_scope`` keyword arguments of the model's forward), never through the 2-D
 ``attention_mask``: Hugging Face derives position ids from that mask, and holes in it would shift the
-RoPE positions of every later token (SPEC.md §7). ``attention_mask`` keeps its usual meaning
+RoPE positions of every later token (docs/math.md §7). ``attention_mask`` keeps its usual meaning
 (padding). Keys beyond the mask's length (tokens generated afterwards) are visible; queries beyond it
 are text (scoped). Non-causal attention (a VLM's vision tower, when it runs with the same
 implementation) ignores the mask. With no mask the result equals ``"sdpa"``.

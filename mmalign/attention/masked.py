@@ -1,4 +1,4 @@
-"""Causal attention with a per-sample key mask (SPEC.md §7: BDHS hides image tokens from attention).
+"""Causal attention with a per-sample key mask (docs/math.md §7: BDHS hides image tokens from attention).
 
     out[b, h, i] = Σ_j softmax_j(q_i·k_j · scale  over visible j) · v_j
 

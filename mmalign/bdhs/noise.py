@@ -1,4 +1,4 @@
-"""The diffusion noise of BDHS's noise variant (SPEC.md §7, Eq. 8-9), on the normalized pixel tensor:
+"""The diffusion noise of BDHS's noise variant (docs/math.md §7, Eq. 8-9), on the normalized pixel tensor:
 
     β_k = σ(-6 + 12k/1000)·(0.5e-2 - 1e-5) + 1e-5,   ᾱ_N = Π_{k=1..N} (1 - β_k)
     x̃   = sqrt(ᾱ_N)·x + sqrt(1 - ᾱ_N)·ε,            ε ~ N(0, I),  N = 500 by default

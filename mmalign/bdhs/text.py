@@ -1,4 +1,4 @@
-"""The text side of BDHS (SPEC.md §7): sentences of y+, the yes/no swap, random word-boundary cuts, and
+"""The text side of BDHS (docs/math.md §7): sentences of y+, the yes/no swap, random word-boundary cuts, and
 where a completion stops. Every random choice takes a ``random.Random`` so that a pair's draws depend
 only on (seed, pair, try), never on the batch it runs in."""
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Hallucination evaluation (SPEC.md §10): POPE, CHAIR with Recall^coco, AMBER.
+"""Hallucination evaluation (docs/math.md §10): POPE, CHAIR with Recall^coco, AMBER.
 
 :mod:`mmalign.eval.metrics` holds the metrics and their formulas (pure Python, no model),
 :mod:`mmalign.eval.formats` the readers of the public POPE / COCO / AMBER files, :mod:`mmalign.eval.coco` CHAIR's

@@ -15,7 +15,7 @@ The setting is not in the records: :func:`read_pope_questions` takes it from the
 under ``text`` (LLaVA's ``model_vqa_loader`` output) or ``answer`` (the key POPE's ``evaluate.py`` reads).
 
 COCO (``instances_*.json``, ``captions_*.json``): :func:`read_coco_ground_truth` gives each image the CHAIR
-ground truth of SPEC.md §10: its annotated categories together with the categories its reference captions
+ground truth of docs/math.md §10: its annotated categories together with the categories its reference captions
 mention (found with the same :class:`~mmalign.eval.metrics.ChairVocabulary` as the texts under test). Like
 the CHAIR release, several files can be merged (train2014 + val2014).
 

@@ -1,4 +1,4 @@
-"""``mmalign eval``: the local hallucination benchmarks (SPEC.md §10) for one or several models, as resumable,
+"""``mmalign eval``: the local hallucination benchmarks (docs/math.md §10) for one or several models, as resumable,
 sharded jobs.
 
 Benchmarks, read from their public files (:mod:`.formats`) with images from a local folder:

@@ -1,4 +1,4 @@
-"""Local hallucination metrics (SPEC.md §10): POPE, CHAIR with Recall^coco, AMBER. Pure Python, no model.
+"""Local hallucination metrics (docs/math.md §10): POPE, CHAIR with Recall^coco, AMBER. Pure Python, no model.
 
 Every ratio below is computed from integer counts with one correctly rounded division, so a test can compare
 it with ``==`` to the same fraction written by hand. A ratio whose denominator is 0 inside a non-empty
@@ -39,7 +39,7 @@ is a mention of that category ("man", "people", "children" -> person).
 :func:`chair_scores` takes texts with the set of categories present in each image (its ground truth: the
 annotated categories together with those its reference captions mention, see
 :func:`mmalign.eval.formats.read_coco_ground_truth`). Per text, each mentioned category counts once
-(SPEC.md §10; ``unique=False`` counts every occurrence, as the release does); a mention is hallucinated
+(docs/math.md §10; ``unique=False`` counts every occurrence, as the release does); a mention is hallucinated
 when its category is not in the ground truth. Pooled over the n texts:
 
     CHAIR_i     = hallucinated mentions / all mentions
@@ -431,7 +431,7 @@ def chair_scores(samples: Iterable[Any], vocabulary: ChairVocabulary | None = No
 
     Each sample is a mapping with "text", "ground_truth" (the categories present: names of the
     vocabulary's categories, e.g. "person" not "man") and optionally "id", or a (text, ground_truth) pair.
-    ``unique=True`` counts each mentioned category once per text (SPEC.md §10), ``False`` every occurrence
+    ``unique=True`` counts each mentioned category once per text (docs/math.md §10), ``False`` every occurrence
     (the CHAIR release). Returns chair_i, chair_s, recall, mean_length, n, the pooled counts (mentions,
     hallucinated_mentions, hallucinated_texts, ground_truth_objects, covered_objects, words) and "samples":
     per text its id, mentioned / hallucinated / covered categories (each once, in text order), ground_truth

@@ -1,4 +1,4 @@
-"""DAMO's data-aware hardness (SPEC.md §4): sub-sentences, CLIP scores, P, δ and α_D per pair.
+"""DAMO's data-aware hardness (docs/math.md §4): sub-sentences, CLIP scores, P, δ and α_D per pair.
 
     from mmalign import hardness
     summary = hardness.run("pairs.jsonl", "pairs.hardness.jsonl", images="images/",

@@ -1,4 +1,4 @@
-"""CLIP scorers (SPEC.md §4 step 2): ``C = logit_scale · cos(image_embedding, text_embedding)``, CLIP's
+"""CLIP scorers (docs/math.md §4 step 2): ``C = logit_scale · cos(image_embedding, text_embedding)``, CLIP's
 ``logits_per_image``, for every (image, sub-sentence) of a batch of pairs.
 
 Each image is encoded once (chosen and rejected share it) and the texts of all pairs of a batch are

@@ -1,4 +1,4 @@
-"""DAMO's data-aware hardness numbers (SPEC.md §4 steps 3-4, Eq. 5-7, and Table 2's ablation).
+"""DAMO's data-aware hardness numbers (docs/math.md §4 steps 3-4, Eq. 5-7, and Table 2's ablation).
 
 For one pair with CLIP scores ``C_w`` (p chosen sub-sentences) and ``C_l`` (q rejected ones):
 

@@ -1,4 +1,4 @@
-"""Sub-sentence splitters (SPEC.md §4 step 1).
+"""Sub-sentence splitters (docs/math.md §4 step 1).
 
 ``split_rules(text)`` needs no model: lines (list items lose their bullets), then sentences (a
 ``.``/``!``/``?`` followed by a space ends one, except after an abbreviation such as "Dr." or "e.g.",

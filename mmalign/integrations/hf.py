@@ -5,7 +5,7 @@ the LM head projects only the positions whose next-token label is not -100, chun
 (generation is unchanged). The output carries
 
     log_probs  (B, T-1)  per-token log p(labels[:, t+1] | ...), 0 where the label is ignored
-    logps      (B,)      their sum per sequence (SPEC.md §1)
+    logps      (B,)      their sum per sequence (docs/math.md §1)
 
 the same protocol as TRL's own fused head, so TRL trainers consume it as is.
 

@@ -71,7 +71,7 @@ class DAMODPOTrainer(DPOTrainer):
                              "PEFT model (its base model is the reference)")
         self.damo_loss.train(mode == "train")  # eval batches use the running mean without updating it
         world = self.accelerator.num_processes
-        # the statistics of the step are those of the global batch: every rank's pairs (SPEC.md §3); the group is
+        # the statistics of the step are those of the global batch: every rank's pairs (docs/math.md §3); the group is
         # named, never implied by an initialized torch.distributed
         group = torch.distributed.group.WORLD if world > 1 else None
         out = self.damo_loss(chosen.float(), rejected.float(), ref_chosen.float(), ref_rejected.float(), group=group)

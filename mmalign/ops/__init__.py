@@ -1,1 +1,1 @@
-"""One op per file: reference (SPEC.md) -> Triton kernels -> launchers -> autograd Function."""
+"""One op per file: reference (docs/math.md) -> Triton kernels -> launchers -> autograd Function."""

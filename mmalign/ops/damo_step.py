@@ -1,4 +1,4 @@
-"""The model-aware DAMO step (SPEC.md sections 2, 3 and 5): configuration, output, eager reference, and the call
+"""The model-aware DAMO step (docs/math.md sections 2, 3 and 5): configuration, output, eager reference, and the call
 of each backend's operator (``mmalign::damo_step``, C++ with C++ autograd; ``mmalign::damo_step_triton``, whose
 kernels are in :mod:`mmalign.ops.damo_step_triton`). Which backend runs is decided by the caller
 (:mod:`mmalign._dispatch`), never here.
@@ -19,7 +19,7 @@ variant="paper" (Eq. 9-15):
     loss = mean_S l(beta_i, u_i);  g <- gamma g + (1 - gamma) Rbar
 combine="sum": alpha_i = (1 - rho) alpha_M + rho alpha_D,i. Presets: dpo (alpha = 1, no filter), d2po
 (alpha_D), mdpo (alpha_M, filter), damo (both). filter "bottom"/"top"/"none" also apply to "official"
-(ordering by A_i). l is the per-pair loss of SPEC.md section 2; beta_i is a constant for gradients.
+(ordering by A_i). l is the per-pair loss of docs/math.md section 2; beta_i is a constant for gradients.
 
 Random numbers: U_i = uniform(seed, step, i) from a counter-based splitmix64 hash, the same bits in the
 reference (numpy), the Triton kernel and the C++ kernel, so every backend, rank and run draws the same
@@ -63,9 +63,9 @@ PRESETS = {
 
 @dataclass(frozen=True, eq=False)
 class DAMOConfig:
-    """Everything that decides the DAMO step but the data (see the module docstring and SPEC.md §3/§5). Build one
+    """Everything that decides the DAMO step but the data (see the module docstring and docs/math.md §3/§5). Build one
     with the fields themselves (``DAMOConfig(variant="paper", keep=12)``, checked when used) or from a preset of
-    SPEC.md §5 (``DAMOConfig.from_preset("mdpo", selection="topk")``, checked at once)."""
+    docs/math.md §5 (``DAMOConfig.from_preset("mdpo", selection="topk")``, checked at once)."""
 
     variant: str = "official"
     selection: str = "sample"
@@ -231,7 +231,7 @@ def uniforms_reference(seed: int, step: int, n: int) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Reference (SPEC.md sections 2, 3, 5, literally)
+# Reference (docs/math.md sections 2, 3, 5, literally)
 # ----------------------------------------------------------------------------------------------------
 
 
@@ -334,7 +334,7 @@ def _kernel_args(cfg: DAMOConfig, n: int) -> KernelArgs:
 
 
 def plain_loss_kernel_args(n: int, loss_type: str, label_smoothing: float) -> KernelArgs:
-    """The step that is exactly SPEC.md §2's loss: every pair kept, alpha = 1, no beta clamp ("paper" variant
+    """The step that is exactly docs/math.md §2's loss: every pair kept, alpha = 1, no beta clamp ("paper" variant
     without a filter; gamma and rho, which then only touch a running mean nobody reads, at their defaults)."""
     return KernelArgs(n, 0.9, 0.5, float(label_smoothing), -math.inf, True, SELECT_ALL, LOSS_TYPES.index(loss_type),
                       False, False)

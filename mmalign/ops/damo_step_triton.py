@@ -1,4 +1,4 @@
-"""The DAMO step's Triton layer (the math is in :mod:`mmalign.ops.damo_step`'s docstring and SPEC.md §3): kernels,
+"""The DAMO step's Triton layer (the math is in :mod:`mmalign.ops.damo_step`'s docstring and docs/math.md §3): kernels,
 launchers, and the ``torch.library`` operators that run them.
 
 Two forward paths, one backward:
@@ -209,7 +209,7 @@ def _pair_beta(beta, alpha_m, ALPHA_D, offs, m, rho, min_beta, USE_D: tl.constex
 
 @triton.jit
 def _pair_loss(u, beta_i, eps, LOSS_KIND: tl.constexpr):
-    """(l_i, d l_i / d u_i) of SPEC.md §2: sigmoid (label smoothing eps), ipo, hinge."""
+    """(l_i, d l_i / d u_i) of docs/math.md §2: sigmoid (label smoothing eps), ipo, hinge."""
     mm = beta_i * u
     if LOSS_KIND == _LOSS_SIGMOID:
         losses = -(1 - eps) * _logsigmoid(mm) - eps * _logsigmoid(-mm)

@@ -1,4 +1,4 @@
-"""Sequence log-probabilities straight from hidden states and the LM head (SPEC.md section 1).
+"""Sequence log-probabilities straight from hidden states and the LM head (docs/math.md section 1).
 
 Same result as ``sequence_logps(hidden @ weight.T + bias, labels)`` without ever holding the logits of
 all tokens: only positions whose label is not ignored are gathered (prompt and image positions cost
@@ -22,7 +22,7 @@ from .sequence_logps import acc_dtype, backward, forward, token_logps_reference
 
 def fused_linear_token_logps_reference(hidden, weight, labels, bias=None, ignore_index: int = -100,
                                        scale: float = 1.0, softcap: float | None = None):
-    """tok[b,t] of SPEC.md section 1 with z = hidden @ weight.T + bias (times ``scale``, then soft-capped:
+    """tok[b,t] of docs/math.md section 1 with z = hidden @ weight.T + bias (times ``scale``, then soft-capped:
     softcap * tanh(z / softcap), when given); (B,T,H), (V,H), (B,T) -> (B,T)."""
     logits = hidden @ weight.T
     if bias is not None:

@@ -19,7 +19,7 @@ DAMO_MP_BLOCK = 1024
 # kSelectTop}.
 SELECT_ALL, SELECT_CLOSEST, SELECT_CLOSEST_SAMPLE, SELECT_BOTTOM, SELECT_TOP = range(5)
 
-# The per-pair losses of SPEC.md section 2; a kernel's ``loss_kind`` is the index in this tuple
+# The per-pair losses of docs/math.md section 2; a kernel's ``loss_kind`` is the index in this tuple
 # (csrc/cpu/damo_step.cpp and csrc/cuda/damo_step_kernel.cuh: 0 sigmoid, 1 ipo, else hinge).
 LOSS_TYPES = ("sigmoid", "ipo", "hinge")
 

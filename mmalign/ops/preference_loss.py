@@ -1,4 +1,4 @@
-"""Preference losses with a per-pair beta (SPEC.md section 2): the eager reference.
+"""Preference losses with a per-pair beta (docs/math.md section 2): the eager reference.
 
     logr_w = logp_pi(y_w) - logp_ref(y_w),  logr_l likewise,  u = logr_w - logr_l,  m = beta * u
     sigmoid (DPO, Eq. 3): -(1 - eps) logsig(m) - eps logsig(-m)
@@ -36,13 +36,13 @@ def check_loss(loss_type: str, label_smoothing: float) -> None:
     if not 0.0 <= label_smoothing < 0.5:
         raise ValueError(f"label_smoothing: expected a value in [0, 0.5), got {label_smoothing!r}")
     if label_smoothing and loss_type != "sigmoid":
-        raise ValueError(f"label_smoothing: only loss_type='sigmoid' smooths labels (SPEC.md section 2), got "
+        raise ValueError(f"label_smoothing: only loss_type='sigmoid' smooths labels (docs/math.md section 2), got "
                          f"label_smoothing={label_smoothing} with loss_type={loss_type!r}")
 
 
 def pair_loss_reference(u: torch.Tensor, beta: torch.Tensor, loss_type: str = "sigmoid",
                         label_smoothing: float = 0.0) -> torch.Tensor:
-    """Per-pair loss l(beta, u) of SPEC.md section 2 (beta detached by the caller)."""
+    """Per-pair loss l(beta, u) of docs/math.md section 2 (beta detached by the caller)."""
     m = beta * u
     if loss_type == "sigmoid":
         return -(1 - label_smoothing) * F.logsigmoid(m) - label_smoothing * F.logsigmoid(-m)
@@ -56,7 +56,7 @@ def pair_loss_reference(u: torch.Tensor, beta: torch.Tensor, loss_type: str = "s
 def preference_loss_reference(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
                               beta, *, loss_type: str = "sigmoid", label_smoothing: float = 0.0, weights=None,
                               reduction: str = "mean") -> PreferenceLossOutput:
-    """SPEC.md section 2, literally. Inputs (N,); beta a float or (N,); weights (N,) or None.
+    """docs/math.md section 2, literally. Inputs (N,); beta a float or (N,); weights (N,) or None.
     reduction="mean": sum(w * l) / sum(w) (plain mean without weights); "none": w * l per pair."""
     logr_w = policy_chosen_logps - ref_chosen_logps
     logr_l = policy_rejected_logps - ref_rejected_logps

@@ -1,4 +1,4 @@
-"""Sequence log-probabilities of labels under logits (SPEC.md section 1).
+"""Sequence log-probabilities of labels under logits (docs/math.md section 1).
 
     tok[b,t] = z[b,t,y[b,t]] - logsumexp_v z[b,t,v]        (0 where y == ignore_index)
     logp[b]  = sum_t tok[b,t]                              (reduction="sum")
@@ -20,7 +20,7 @@ from .._triton import interpreting, next_power_of_2, tl, triton
 from ._library import bump_versions, operator
 
 # ----------------------------------------------------------------------------------------------------
-# Reference (SPEC.md section 1, literally)
+# Reference (docs/math.md section 1, literally)
 # ----------------------------------------------------------------------------------------------------
 
 
@@ -47,7 +47,7 @@ def reduce_token_logps(tok: torch.Tensor, labels: torch.Tensor, ignore_index: in
 
 def sequence_logps_reference(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100,
                              reduction: str = "sum") -> torch.Tensor:
-    """logp[b] of SPEC.md section 1: (B, T, V), (B, T) -> (B,)."""
+    """logp[b] of docs/math.md section 1: (B, T, V), (B, T) -> (B,)."""
     return reduce_token_logps(token_logps_reference(logits, labels, ignore_index), labels, ignore_index, reduction)
 
 

@@ -68,7 +68,7 @@ class TrainConfig:
     damo: dict = field(default_factory=dict)  # more DAMOConfig fields: variant, selection, keep, gamma, ...
     reference: str = "precomputed"      # "precomputed" (ref_*_logp in the data) or "model" (the initial policy: a
                                         # frozen copy, or with LoRA the base with the adapters off)
-    online_bdhs: dict | None = None     # BDHSConfig fields: enables the averaged loss of SPEC.md §6 (Eq. 5)
+    online_bdhs: dict | None = None     # BDHSConfig fields: enables the averaged loss of docs/math.md §6 (Eq. 5)
     averaged_gamma: float = 0.5         # γ of Eq. 5: γ·L(y+, y-) + (1-γ)·L(y+, ỹ-)
     similarity_model: str = "sentence-transformers/all-mpnet-base-v2"  # online BDHS gate; Mixed-DPO's default ranker
     mixed_p: float | None = None        # Mixed-DPO (Eq. 4): keep the offline pair with probability p, else an online one

@@ -3,7 +3,7 @@ out (a function of the seed), scored every ``eval_every`` optimizer steps and at
 
 For each held-out pair, with the policy in eval mode and no gradient: the policy's and the reference's log-probs,
 then the loss module in eval mode (DAMO's running mean used, not updated): per-pair loss, rewards
-r = β·(log π - log π_ref) of chosen and rejected, margin r_w - r_l and accuracy 1[r_w > r_l] (SPEC.md §2). The
+r = β·(log π - log π_ref) of chosen and rejected, margin r_w - r_l and accuracy 1[r_w > r_l] (docs/math.md §2). The
 row holds their means over all held-out pairs, and over the pairs of each value of ``group_column`` when the data
 carries one (``easy/margin``, ``hard/accuracy``, ...). Under data parallelism every rank scores an equal share
 (padded with zero-weight repeats, so that ZeRO-3's collective forwards line up) and the sums are all-reduced."""

@@ -1,4 +1,4 @@
-"""The policy and its reference (SPEC.md §11's recipes).
+"""The policy and its reference (docs/math.md §11's recipes).
 
 What trains: roles (``llm``: the decoder and the LM head; ``projector``; ``vision``: the image encoder, found by
 :meth:`mmalign.models.ModelAdapter.roles`) and parameter-name patterns. The default follows LLaVA and DAMO: the LLM

@@ -5,7 +5,7 @@ log-probs (:func:`.batches.pair_logps`: vision once per pair, the prompt once pe
 hidden states), reference log-probs (precomputed in the data; a frozen copy of the initial policy sharing its
 frozen vision tower; or, with LoRA, the base with the adapters off), then the loss: every loss is
 :class:`mmalign.nn.DAMOLoss` with a preset (dpo, ipo and hinge are the ``dpo`` preset with that loss type; d2po,
-mdpo, damo as in SPEC.md §5); with several ranks the DAMO statistics are taken over the global micro-batch
+mdpo, damo as in docs/math.md §5); with several ranks the DAMO statistics are taken over the global micro-batch
 (all-gathered margins, the process group passed explicitly).
 
 What trains, LoRA and the reference: :mod:`.policy`; parameter groups and the schedule: :mod:`.optim`; DeepSpeed,

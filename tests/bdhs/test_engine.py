@@ -1,13 +1,20 @@
 """The BDHS engine on a tiny random LLaVA: the shared-prefix batched decoding gives exactly the tokens of
 generating every sentence alone with its full prefix through Hugging Face generate() and the masked
-attention (so compaction == masked kernel too), in every mode; determinism whatever the batch; the
+attention (so compaction == masked kernel too), in every mode, on draws the test makes itself (cut points,
+yes/no swaps, the image-key mask, the noise) and gives to both; determinism whatever the batch; the
 similarity gate and tries; the POVID baseline."""
+import random
+import re
+
 import pytest
 import torch
 
 from mmalign.attention import hf
 from mmalign.bdhs import BDHSConfig, BDHSEngine, PairInput
+from mmalign.bdhs import text as T
 from mmalign.bdhs.baseline import sentence_by_sentence
+from mmalign.bdhs.engine import Try
+from mmalign.bdhs.noise import add_noise
 
 from . import _models as M
 
@@ -33,9 +40,44 @@ def _sim(value):
     return lambda a, b: torch.full((len(a),), float(value))
 
 
-def _alone(engine, masked, pair, try_index):
-    """Every sentence generated on its own, full prefix, no compaction: masked attention + HF generate."""
-    return engine.draw(pair, try_index), sentence_by_sentence(engine, masked, pair, try_index)
+SWAP = {"Yes": "No", "No": "Yes", "yes": "no", "no": "yes"}
+
+
+def _draws(tok, pair, image_token, *, rho_th, seed, swap, noise_steps=None) -> Try:
+    """One try's draws made here, not by the engine's draw(): each sentence of y+ cut after half its words (a
+    leading yes/no swapped when ``swap``), image tokens kept iff U(0, 1) >= rho_th (Eq. 6), the pixels noised
+    with ``noise_steps`` (Eq. 8-9), the token ids of prompt and y+ with each head's span."""
+    g = torch.Generator().manual_seed(seed)
+    sentences = [s.strip() for s in re.findall(r"[^.]*\.", pair.chosen)]
+    heads, swapped, response, spans = [], [], [], []
+    ids = lambda text: tok(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    for sentence in sentences:
+        words = sentence.split()
+        flip = swap and words[0] in SWAP
+        head = " ".join(([SWAP[words[0]]] + words[1:] if flip else words)[:max(1, len(words) // 2)])
+        heads.append(head)
+        swapped.append(flip)
+        start = len(response)
+        response += ids(sentence)
+        spans.append((start, start if flip else start + len(ids(head))))
+    full = torch.tensor(pair.prompt_ids.tolist() + response)[None]
+    keep = (full != image_token) | (torch.rand(full.shape, generator=g) >= rho_th)
+    inputs = dict(pair.image_inputs)
+    if noise_steps is not None:
+        inputs["pixel_values"] = add_noise(inputs["pixel_values"], noise_steps, generator=g)
+    return Try(random.Random(seed), inputs, T.Plan(sentences, heads, swapped), full, keep, len(pair.prompt_ids),
+               response, spans)
+
+
+def _alone(engine, masked, tok, pairs, *, rho_th=0.6, seed=3, swap=True, noise_steps=None):
+    """Draws of the test's own for every pair, given to the engine (in place of its draw()) and to the baseline:
+    every sentence generated on its own, full prefix, no compaction, masked attention + HF generate."""
+    draws = {p.id: _draws(tok, p, engine.image_token, rho_th=rho_th, seed=seed + i, swap=swap, noise_steps=noise_steps)
+             for i, p in enumerate(pairs)}
+    engine.draw = lambda pair, try_index, unguided=False: draws[pair.id]
+    return [(draws[p.id], sentence_by_sentence(masked, tok, draws[p.id], max_new_tokens=engine.config.max_new_tokens,
+                                               scope=engine.config.scope, image_token=engine.image_token))
+            for p in pairs]
 
 
 @pytest.mark.parametrize("mode, scope", [("attn", "all"), ("both", "all"), ("none", "all"), ("attn", "text")])
@@ -43,10 +85,12 @@ def test_shared_prefix_batch_equals_each_sentence_alone(setup, mode, scope):
     tok, model, masked, pairs = setup
     engine = BDHSEngine(model, tok, _sim(0.0), BDHSConfig(mode=mode, rho_th=0.6, max_new_tokens=6, swap_p=0.5,
                                                           seed=3, scope=scope))
+    baseline = _alone(engine, masked, tok, pairs, rho_th=0.0 if mode == "none" else 0.6,
+                      noise_steps=500 if mode == "both" else None)
     rows = engine.complete_rows(pairs, try_index=1)
     swapped = 0
     for j, pair in enumerate(pairs):
-        d, alone = _alone(engine, masked, pair, 1)
+        d, alone = baseline[j]
         mine = [r for r in rows if r.pair == j]
         assert len(mine) == len(alone) == len(d.plan.sentences)
         for r, ref in zip(mine, alone):
@@ -66,9 +110,10 @@ def test_shared_prefix_batch_equals_each_sentence_alone(setup, mode, scope):
 def test_forced_swapped_heads_match_alone(setup):
     tok, model, masked, pairs = setup
     engine = BDHSEngine(model, tok, _sim(0.0), BDHSConfig(mode="attn", rho_th=0.6, max_new_tokens=5, swap_p=1.0))
+    baseline = _alone(engine, masked, tok, pairs[:2], seed=7)
     rows = engine.complete_rows(pairs[:2], try_index=2)
     for j in range(2):
-        d, alone = _alone(engine, masked, pairs[j], 2)
+        d, alone = baseline[j]
         assert any(d.plan.swapped)
         for r, ref in zip([r for r in rows if r.pair == j], alone):
             assert r.generated == ref[:len(r.generated)]
@@ -81,9 +126,10 @@ def test_kernel_path_in_fp32_gives_the_same_generations(setup):
     pairs32 = [PairInput(p.id, p.prompt_ids, p.chosen, {"pixel_values": p.image_inputs["pixel_values"].float()})
                for p in pairs[:2]]
     engine = BDHSEngine(model, tok, _sim(0.0), BDHSConfig(mode="attn", rho_th=0.6, max_new_tokens=4, seed=1))
+    baseline = _alone(engine, masked, tok, pairs32)  # masked attention runs the Triton kernel (interpreter on CPU)
     rows = engine.complete_rows(pairs32, try_index=1)
     for j, pair in enumerate(pairs32):
-        _, alone = _alone(engine, masked, pair, 1)  # masked attention runs the Triton kernel (interpreter on CPU)
+        _, alone = baseline[j]
         for r, ref in zip([r for r in rows if r.pair == j], alone):
             assert r.generated == ref[:len(r.generated)]
 
@@ -145,10 +191,11 @@ def test_povid_is_the_teacher_forced_argmax(setup):
     assert got.rejected == tok.decode(expected, skip_special_tokens=True)
 
 
-def _exact_against_baseline(engine, masked, pairs, try_index=1):
-    rows = engine.complete_rows(pairs, try_index)
+def _exact_against_baseline(engine, masked, pairs, **draws):
+    baseline = _alone(engine, masked, engine.tokenizer, pairs, **draws)
+    rows = engine.complete_rows(pairs, 1)
     for j, pair in enumerate(pairs):
-        alone = sentence_by_sentence(engine, masked, pair, try_index)
+        _, alone = baseline[j]
         mine = [r.generated for r in rows if r.pair == j]
         assert len(mine) == len(alone) and all(m == a[:len(m)] for m, a in zip(mine, alone))
     return rows
@@ -176,8 +223,8 @@ def test_llava_next_anyres(setup):
     pairs = [PairInput("next-0", M.prompt_ids(tok, "Describe the image .", n_image), CHOSEN[0],
                        {"pixel_values": px, "image_sizes": sizes})]
     engine = BDHSEngine(model, tok, _sim(0.0), BDHSConfig(mode="both", rho_th=0.8, max_new_tokens=5))
-    _exact_against_baseline(engine, masked, pairs)
     assert not engine.draw(pairs[0], 1).keep.all()
+    _exact_against_baseline(engine, masked, pairs, rho_th=0.8, noise_steps=500)
 
 
 def test_text_only_causal_lm(setup):
@@ -249,3 +296,31 @@ def test_an_empty_candidate_is_never_embedded_nor_accepted_when_guided(setup):
     results = engine.generate(pairs[:2])
     assert asked and all(text.strip() for text in asked)
     assert [(r.rejected, r.tries, r.guided, r.similarity) for r in results] == [("", 2, False, 1.0)] * 2
+
+
+def test_the_engines_draws_follow_eq6_and_cut_the_ground_truth(setup):
+    """engine.draw() itself (the tests above give the engine draws of their own): image tokens stay visible iff
+    rho >= rho_th (none at rho_th = 1, all at 0, about half at 0.5 of 16 x 30 draws), text always; the ids are the
+    prompt then y+; every head not swapped is a prefix of its sentence, and its span holds its tokens."""
+    tok, model, _, pairs = setup
+    image = M.prompt_ids(tok, "x", 1)[1 + len(tok("USER :", add_special_tokens=False)["input_ids"])]
+    kept = 0
+    for rho_th, expect in ((1.0, 0), (0.0, None), (0.5, None)):
+        engine = BDHSEngine(model, tok, _sim(0.0), BDHSConfig(mode="attn", rho_th=rho_th, swap_p=0.0))
+        for t in range(1, 31):
+            d = engine.draw(pairs[0], t)
+            is_image = d.ids[0] == image
+            assert d.keep[0][~is_image].all()
+            n = int(d.keep[0][is_image].sum())
+            if expect is not None:
+                assert n == expect
+            elif rho_th == 0.0:
+                assert n == int(is_image.sum())
+            else:
+                kept += n
+    assert 0.35 * 16 * 30 < kept < 0.65 * 16 * 30
+    d = engine.draw(pairs[0], 1)
+    ids = lambda text: tok(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    assert d.ids[0].tolist() == pairs[0].prompt_ids.tolist() + ids(" ".join(d.plan.sentences))
+    for sentence, head, (start, end) in zip(d.plan.sentences, d.plan.heads, d.spans):
+        assert sentence.startswith(head) and d.response[start:end] == ids(head)

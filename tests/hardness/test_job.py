@@ -1,5 +1,5 @@
 """The hardness job end to end on synthetic images with tiny random CLIP models: the numbers against a
-literal transcription of SPEC.md §4, bad records, resume after a kill, sharding over two processes, the
+literal transcription of docs/math.md §4, bad records, resume after a kill, sharding over two processes, the
 Hugging Face CLIP backend and the CLI."""
 import json
 import math

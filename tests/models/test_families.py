@@ -1,11 +1,11 @@
-"""Every VLM family through every model path of mmalign (SPEC.md §9), each against the model's own forward, float64:
+"""Every VLM family through every model path of mmalign (docs/math.md §9), each against the model's own forward, float64:
 
 * the trainer's pair log-probs (shared-prompt and two-sequence layouts) and their gradients equal the log-probs of
   the model's own forward on each [prompt | response] sequence;
 * the Hugging Face patch (the TRL path) equals the model's own logits;
 * the BDHS engine's greedy tokens equal ``generate()`` from the same prompt;
 * with hidden image tokens, the compacted engine equals ``generate()`` on the full sequence whose decoder never
-  lets any query read a hidden image key (SPEC.md §7's equivalence; 3D positions for the M-RoPE families);
+  lets any query read a hidden image key (docs/math.md §7's equivalence; 3D positions for the M-RoPE families);
 * families that cannot run a path refuse it, naming the reason.
 
 The oracles run the model's own forward or ``generate``; the only thing they add is the per-token inputs for the

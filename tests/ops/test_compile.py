@@ -104,7 +104,7 @@ def test_preference_loss(device, backend):
 def test_damo_step_and_its_in_place_state(device, backend, config):
     """The declared mutations: in place, the running mean and the step counter end where eager leaves them."""
     if backend == "reference":
-        pytest.skip("the reference is SPEC.md's Python control flow on tensor values (host synchronizations by "
+        pytest.skip("the reference is docs/math.md's Python control flow on tensor values (host synchronizations by "
                     "design, damo_step's docstring): it compiles with graph breaks, not as one graph")
     logps = _pairs(device)
     alpha_d = torch.linspace(0.5, 1.5, 6, dtype=torch.float64, device=device)

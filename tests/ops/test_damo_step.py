@@ -1,4 +1,4 @@
-"""The fused DAMO step against the literal reference of SPEC.md sections 2, 3 and 5, every backend."""
+"""The fused DAMO step against the literal reference of docs/math.md sections 2, 3 and 5, every backend."""
 import dataclasses
 import functools
 import itertools
@@ -128,7 +128,7 @@ def test_gradcheck(rng, device, backend, dtype, cfg):
 
 
 def test_official_topk_by_hand():
-    """The released code's dpo_loss (SPEC.md §3 "official") on fixed inputs, computed by hand in floats."""
+    """The released code's dpo_loss (docs/math.md §3 "official") on fixed inputs, computed by hand in floats."""
     margins = [0.5, -1.0, 2.0, 0.1, 3.5]  # u_i, with ref log-probs 0 and pr = 0: pc = u
     g, beta, gamma = 0.2, 0.1, 0.9
     alpha_d = [1.0, 1.2, 0.8, 1.0, 0.5]

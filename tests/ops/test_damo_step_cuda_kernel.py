@@ -1,7 +1,7 @@
 """The CUDA DAMO step kernels' own code (forward and backward), run on the host: csrc/cuda/damo_step_kernel.cuh compiled with g++
 against csrc/cuda/simt_host.h (one std::thread per CUDA thread, emulated barriers and warp shuffles),
 compared output by output with the C++ CPU kernel (mmalign::damo_step_fwd on CPU tensors), which the
-other tests hold to the SPEC.md reference. What this cannot show (CUDA's memory model, real warps,
+other tests hold to the docs/math.md reference. What this cannot show (CUDA's memory model, real warps,
 speed) is left to the GPU run of test_damo_step.py, whose cases include backend="cuda"."""
 import ctypes
 import shutil

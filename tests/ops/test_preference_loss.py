@@ -1,4 +1,4 @@
-"""preference_loss against the reference of SPEC.md section 2, every backend."""
+"""preference_loss against the reference of docs/math.md section 2, every backend."""
 import pytest
 import torch
 import torch.nn.functional as TF
@@ -70,7 +70,7 @@ def test_dpo_is_the_textbook_formula(rng):
 
 
 def test_beta_is_a_constant(rng):
-    """A beta that depends on the inputs contributes no gradient (SPEC.md section 2)."""
+    """A beta that depends on the inputs contributes no gradient (docs/math.md section 2)."""
     pc, pr, rc, rr = [t.requires_grad_() for t in _logps(rng, 6, "cpu")]
     beta = torch.sigmoid(pc)  # depends on pc
     (g,) = torch.autograd.grad(F.preference_loss(pc, pr, rc, rr, beta).loss, pc)

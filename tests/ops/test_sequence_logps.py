@@ -1,4 +1,4 @@
-"""sequence_logps / token_logps against the float64 reference of SPEC.md section 1, every backend."""
+"""sequence_logps / token_logps against the float64 reference of docs/math.md section 1, every backend."""
 import pytest
 import torch
 from hypothesis import given, settings

@@ -1,4 +1,4 @@
-"""The papers' recipes in ``mmalign train`` (SPEC.md §11) on tiny random models, CPU: what trains (roles and
+"""The papers' recipes in ``mmalign train`` (docs/math.md §11) on tiny random models, CPU: what trains (roles and
 patterns), LoRA through peft (TRL's losses step by step, the reference with the adapters off, resume, the adapter
 saved, loaded and merged), parameter groups, schedules, held-out metrics, a run killed between checkpoints, QLoRA
 refused without bitsandbytes, and the recipe files themselves."""
