@@ -27,7 +27,7 @@ import random
 import shutil
 from pathlib import Path
 
-from . import jobs, synthetic
+from . import jobs, plots, synthetic
 
 
 @dataclasses.dataclass
@@ -210,4 +210,4 @@ def _plot(history: dict, path: Path) -> str | None:
         ax.set_title("Easy vs hard held-out pairs under DPO and DAMO")
         ax.legend()
 
-    return jobs.save_plot(path, draw)
+    return plots.save_plot(path, draw)

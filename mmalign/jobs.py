@@ -267,33 +267,6 @@ class JobSpec:
     count: int | None = None                         # how many records ``read`` yields, when ``input`` cannot say
 
 
-def check_device(device: str | None) -> None:
-    """A ``device`` argument that torch can use here, or ValueError naming it (None: choose automatically)."""
-    import torch
-
-    if device is None:
-        return
-    try:
-        kind = torch.device(device).type
-    except (RuntimeError, TypeError):
-        kind = None
-    if kind not in ("cpu", "cuda"):
-        raise ValueError(f"device: expected 'cpu', 'cuda' or 'cuda:N', got {device!r}")
-    if kind == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device: {device!r} asked for, but torch sees no CUDA device")
-
-
-def default_device(device: str | None = None) -> str:
-    """``device`` if given, else this process's GPU (``cuda:LOCAL_RANK``, as torchrun sets it) or the CPU;
-    ``"cuda"`` alone also means this process's GPU (under torchrun, every rank its own)."""
-    import torch
-
-    local_gpu = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-    if device:
-        return local_gpu if device == "cuda" else device
-    return local_gpu if torch.cuda.is_available() else "cpu"
-
-
 def input_params(input, *, layout: str, columns: dict | None, split: str | None, images: str | None) -> dict:
     """The job parameters that say which records a job reads (part of every job's ``job.json``)."""
     return {"input": str(Path(input).resolve()), "layout": layout, "columns": columns, "split": split,
@@ -400,27 +373,6 @@ def write_failed(out: Path, failures: list[dict]) -> str | None:
     if path.exists():
         path.unlink()
     return None
-
-
-def save_plot(path: Path, draw: Callable) -> str | None:
-    """Draw with ``draw(ax)`` on a fresh matplotlib figure and save it atomically as PNG; None (and a
-    note on stderr) when matplotlib is not installed."""
-    import sys
-
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print(f"matplotlib is not installed: {path} not written (pip install matplotlib)", file=sys.stderr)
-        return None
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    draw(ax)
-    fig.tight_layout()
-    atomic_write_bytes(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
-    plt.close(fig)
-    return str(path)
 
 
 def stop_if_strict(results: list[dict], strict: bool) -> None:

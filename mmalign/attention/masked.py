@@ -27,7 +27,6 @@ backend is SDPA with the equivalent boolean mask and autograd.
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 from torch import Tensor

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from .. import data, jobs
+from .. import data, devices, jobs, plots
 from ..models import PromptEncoder, load_model
 from .engine import BDHSConfig, BDHSEngine, SentenceSimilarity
 
@@ -50,7 +50,7 @@ class BDHSJobConfig:
             raise ValueError(f"dtype: expected auto, float32, bfloat16, float16 or float64, got {self.dtype!r}")
         if self.prompt_template is not None and "{prompt}" not in self.prompt_template:
             raise ValueError("prompt_template: must contain {prompt}")
-        jobs.check_device(self.device)
+        devices.check_device(self.device)
 
 
 @dataclass
@@ -80,7 +80,7 @@ class BDHSSummary:
 
 
 def _device_dtype(cfg: BDHSJobConfig):
-    device = jobs.default_device(cfg.device)
+    device = devices.default_device(cfg.device)
     if cfg.dtype == "auto":
         dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
     else:
@@ -180,7 +180,7 @@ def merge(input, out: Path, cfg: BDHSJobConfig, work: jobs.WorkDir) -> BDHSSumma
         ax.set_ylabel("pairs")
         ax.set_title(f"BDHS ({cfg.engine.mode}): tries per pair, ε_s = {cfg.engine.similarity_threshold}")
 
-    summary.plot = jobs.save_plot(out.with_name(out.stem + ".tries.png"), draw)
+    summary.plot = plots.save_plot(out.with_name(out.stem + ".tries.png"), draw)
     jobs.atomic_write(out.with_name(out.stem + ".summary.json"),
                       lambda f: json.dump(dataclasses.asdict(summary), f, indent=1))
     if not cfg.keep_work:

@@ -33,7 +33,7 @@ from typing import Callable
 
 import torch
 
-from .. import jobs
+from .. import devices, jobs, plots
 from . import formats as F
 from .metrics import (ChairVocabulary, amber_discriminative_scores, amber_generative_scores, chair_scores,
                       parse_yes_no, pope_scores_by_setting)
@@ -243,7 +243,7 @@ class EvalConfig:
             raise ValueError("batch_size and max_new_tokens: expected >= 1")
         if "{question}" not in self.pope_prompt:
             raise ValueError("pope_prompt: must contain {question}")
-        jobs.check_device(self.device)
+        devices.check_device(self.device)
 
     def benchmarks(self) -> list[Benchmark]:
         out = []
@@ -299,7 +299,7 @@ def _evaluate_model(name: str, spec, benches: list[Benchmark], cfg: EvalConfig, 
             or (out / name / f"{b.name}.jsonl.work").exists()]
     if not todo:
         return
-    device = jobs.default_device(cfg.device)
+    device = devices.default_device(cfg.device)
     model, processor = spec if isinstance(spec, tuple) else load_for_eval(spec, device, _dtype(cfg, device))
     encoder = PromptEncoder(processor, template=cfg.prompt_template, images=cfg.images, device=model.device,
                             dtype=next(model.parameters()).dtype)
@@ -343,7 +343,7 @@ def run(cfg: EvalConfig, out: str | os.PathLike) -> EvalSummary | None:
               for name in cfg.models}
     jobs.atomic_write(out / "summary.json", lambda f: json.dump(scores, f, indent=1))
     jobs.atomic_write(out / "summary.md", lambda f: f.write(table(scores) + "\n"))
-    jobs.save_plot(out / "summary.png", lambda ax: plot(ax, scores))
+    plots.save_plot(out / "summary.png", lambda ax: plot(ax, scores))
     return EvalSummary(scores, str(out))
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .. import data, jobs
+from .. import data, devices, jobs, plots
 from .clip import DEFAULT_MODEL, DEFAULT_PRETRAINED, ClipScorer, load_scorer
 from .scores import alpha_d, pair_softmax
 from .split import LLMSplitter, RulesSplitter
@@ -63,7 +63,7 @@ class HardnessConfig:
             raise ValueError(f"batch_size: expected >= 1, got {self.batch_size}")
         if self.delta_mean is not None and not math.isfinite(self.delta_mean):
             raise ValueError(f"delta_mean: expected a finite number, got {self.delta_mean}")
-        jobs.check_device(self.device)
+        devices.check_device(self.device)
 
 
 @dataclass
@@ -155,7 +155,7 @@ def run(input: str | os.PathLike, out: str | os.PathLike, config: HardnessConfig
     cfg = dataclasses.replace(config or HardnessConfig(), **overrides)
     cfg.validate()
     out = jobs.check_output(out, cfg.overwrite)
-    device = jobs.default_device(cfg.device)
+    device = devices.default_device(cfg.device)
     if scorer is None:
         scorer = load_scorer(cfg.clip_model, cfg.clip_pretrained, device=device, amp=cfg.amp,
                              text_batch_size=cfg.text_batch_size, seed=cfg.seed)
@@ -231,4 +231,4 @@ def _histogram(deltas: list[float], path: Path, key: str, delta_mean: float) -> 
         ax.set_title(f"DAMO data hardness: {key} over {len(deltas)} pairs")
         ax.legend()
 
-    return jobs.save_plot(path, draw)
+    return plots.save_plot(path, draw)

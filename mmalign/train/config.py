@@ -91,7 +91,7 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Every option checked before anything loads: a ValueError naming the option."""
-        from .. import jobs
+        from .. import devices
 
         if self.loss not in LOSSES:
             raise ValueError(f"loss: expected one of {sorted(LOSSES)}, got {self.loss!r}")
@@ -108,7 +108,7 @@ class TrainConfig:
             raise ValueError(f"mixed_p: expected a probability in [0, 1], got {self.mixed_p}")
         if self.mixed_p is not None and self.reference != "model":
             raise ValueError("mixed_p: online pairs need live reference log-probs: use reference='model'")
-        jobs.check_device(self.device)
+        devices.check_device(self.device)
         if self.autocast and not self.bf16:
             raise ValueError("autocast: it is bf16 mixed precision through torch.autocast: set bf16=True as well")
         if self.autocast and self.deepspeed is not None:

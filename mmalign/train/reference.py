@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .. import data, jobs
+from .. import data, devices, jobs
 from ..models import PromptEncoder, load_model
 from .batches import encode_pair, pair_logps
 from .config import TrainConfig
@@ -33,7 +33,7 @@ def precompute_reference(cfg: TrainConfig, out: str, *, model=None, processor=No
         raise ValueError(f"batch_size: expected >= 1, got {batch_size}")
     if not cfg.data:
         raise ValueError("data: give a preference dataset")
-    jobs.check_device(cfg.device)
+    devices.check_device(cfg.device)
     out = jobs.check_output(out, overwrite)
     ds = deepspeed_config(cfg)
     dtype, autocast = training_dtype(ds), autocast_dtype(ds)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from .. import jobs
+from .. import devices
 from .config import TrainConfig
 
 
@@ -103,7 +103,7 @@ def offloads(ds: dict) -> bool:
 
 def train_device(cfg: TrainConfig) -> torch.device:
     """cfg.device ("cuda" alone means this process's GPU, cuda:LOCAL_RANK), else the GPU when there is one."""
-    return torch.device(jobs.default_device(cfg.device))
+    return torch.device(devices.default_device(cfg.device))
 
 
 def use_accelerator(device: torch.device) -> None:

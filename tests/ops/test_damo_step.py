@@ -519,7 +519,7 @@ def test_no_host_sync_and_graph_capture(n, backend):
     torch.cuda.current_stream().wait_stream(s)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out = m(*static)
+        out = m(*static)  # noqa: F841 (the captured output stays alive while the graph replays)
     step0, g0 = m.step.item(), m.running_mean.item()
     graph.replay()
     torch.cuda.synchronize()

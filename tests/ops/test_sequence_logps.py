@@ -8,7 +8,7 @@ import mmalign.functional as F
 from mmalign.ops_demo import eager_sequence_logps
 from mmalign.ops.sequence_logps import sequence_logps_reference, token_logps_reference
 
-from .._numerics import DEVICES, assert_low_precision, backends, cases
+from .._numerics import assert_low_precision, backends, cases
 
 OP = "sequence_logps"
 CASES64 = cases(OP)

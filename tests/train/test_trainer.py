@@ -15,7 +15,7 @@ from mmalign.cli import main  # noqa: E402
 from mmalign.models import PromptEncoder, load_model  # noqa: E402
 from mmalign.train import Trainer, TrainConfig, enable_checkpointing, encode_pair, pair_logps  # noqa: E402
 from mmalign.train.runtime import init_distributed, train_device  # noqa: E402
-from mmalign import data, jobs  # noqa: E402
+from mmalign import data, devices, jobs  # noqa: E402
 
 from ..bdhs import _models as M  # noqa: E402
 from ..hardness import _fixtures as fx  # noqa: E402
@@ -288,7 +288,7 @@ def test_every_job_checks_its_device_up_front(job):
 def test_device_and_process_group(monkeypatch):
     monkeypatch.setenv("LOCAL_RANK", "3")
     assert train_device(TrainConfig(device="cuda")) == torch.device("cuda:3")
-    assert jobs.default_device("cuda") == "cuda:3" and jobs.default_device("cuda:1") == "cuda:1"  # every job
+    assert devices.default_device("cuda") == "cuda:3" and devices.default_device("cuda:1") == "cuda:1"  # every job
     assert train_device(TrainConfig(device="cpu")) == torch.device("cpu")
     # a single-process job binds no port (an in-memory store): a second job on the machine cannot collide with it
     monkeypatch.delenv("MASTER_PORT", raising=False)
