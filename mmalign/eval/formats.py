@@ -305,17 +305,22 @@ def coco_vocabulary(instances: PathLike | Iterable[PathLike]):
     return ChairVocabulary({name: [name] for name in names}, phrases={})
 
 
+def _unique_ids(path: PathLike, limit: int | None) -> Iterator[tuple[str, Any, int]]:
+    """(where, record, its int ``id``) of a JSON array file of records, an id seen twice being an error."""
+    _check_limit(limit)
+    seen = set()
+    for where, rec in _take(_json_array(path), limit):
+        rid = _field(path, where, rec, "id", int)
+        if rid in seen:
+            raise FormatError(path, where, f"id {rid} appears twice")
+        seen.add(rid)
+        yield where, rec, rid
+
+
 def read_amber_queries(path: PathLike, *, limit: int | None = None) -> list[AmberQuery]:
     """The questions of an AMBER ``query_*.json``."""
-    _check_limit(limit)
-    out, seen = [], set()
-    for where, rec in _take(_json_array(path), limit):
-        qid = _field(path, where, rec, "id", int)
-        if qid in seen:
-            raise FormatError(path, where, f"id {qid} appears twice")
-        seen.add(qid)
-        out.append(AmberQuery(qid, _field(path, where, rec, "image", str), _field(path, where, rec, "query", str)))
-    return out
+    return [AmberQuery(qid, _field(path, where, rec, "image", str), _field(path, where, rec, "query", str))
+            for where, rec, qid in _unique_ids(path, limit)]
 
 
 def _word_list(path: PathLike, where: str, rec: dict, name: str) -> tuple[str, ...]:
@@ -327,13 +332,8 @@ def _word_list(path: PathLike, where: str, rec: dict, name: str) -> tuple[str, .
 
 def read_amber_annotations(path: PathLike, *, limit: int | None = None) -> list[AmberAnnotation]:
     """The records of AMBER's ``annotations.json`` (generative ones with truth and hallu lists)."""
-    _check_limit(limit)
-    out, seen = [], set()
-    for where, rec in _take(_json_array(path), limit):
-        aid = _field(path, where, rec, "id", int)
-        if aid in seen:
-            raise FormatError(path, where, f"id {aid} appears twice")
-        seen.add(aid)
+    out = []
+    for where, rec, aid in _unique_ids(path, limit):
         kind = _field(path, where, rec, "type", str)
         if kind not in AMBER_TYPES:
             raise FormatError(path, where, f"unknown type {kind!r} (known: {', '.join(AMBER_TYPES)})")

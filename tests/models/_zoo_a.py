@@ -11,24 +11,11 @@ which with one layer would skip it).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 import torch
 
-if TYPE_CHECKING:
-    from transformers import PreTrainedModel
-
-
-@dataclass
-class Sample:
-    name: str
-    model: "PreTrainedModel"    # tiny random model, seed 0, float64, eval, sdpa where supported
-    prompt_ids: torch.Tensor    # (P,) int64: one prompt with ONE image, placeholders expanded as the processor does
-    image_inputs: dict          # the processor's other outputs for that prompt (batch of 1), float tensors float64
-    text_ids: tuple[int, int]   # [lo, hi): ordinary token ids safe for response text
-    eos_id: int                 # the eos id set in model.generation_config (pad_token_id set too)
-
+from ._sample import Sample  # the type every builder returns
 
 # ordinary words of every tokenizer here (after the family's special tokens, padded with fillers to VOCAB ids)
 VOCAB = 160

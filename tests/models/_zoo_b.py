@@ -8,7 +8,6 @@ expands them (start/end/column tokens included), and ``image_inputs`` holds what
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
 import torch
@@ -16,16 +15,7 @@ import torch
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
-
-@dataclass
-class Sample:
-    name: str
-    model: "PreTrainedModel"    # tiny random model, seed 0, float64, eval, sdpa attention where supported
-    prompt_ids: torch.Tensor    # (P,) int64: one prompt, one image, placeholders expanded as the processor would
-    image_inputs: dict          # the processor's other outputs for that prompt (batch of 1), float tensors float64
-    text_ids: tuple[int, int]   # [lo, hi): ordinary token ids safe for response text
-    eos_id: int                 # set in model.generation_config.eos_token_id (pad_token_id set too)
-
+from ._sample import Sample  # the type every builder returns
 
 F64 = torch.float64
 TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,

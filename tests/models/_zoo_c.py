@@ -8,7 +8,6 @@ random weights (``torch.manual_seed(0)``, float64, eval, SDPA attention). No dow
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
 import torch
@@ -16,16 +15,7 @@ import torch
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
-
-@dataclass
-class Sample:
-    name: str
-    model: "PreTrainedModel"    # tiny random model, seed 0, float64, eval, sdpa where supported
-    prompt_ids: torch.Tensor    # (P,) int64: one prompt with ONE image, placeholders expanded as the processor does
-    image_inputs: dict          # the processor's other outputs for that prompt (batch of 1), float tensors float64
-    text_ids: tuple[int, int]   # [lo, hi): ordinary token ids safe for response text
-    eos_id: int                 # the eos id set in model.generation_config (pad_token_id set too)
-
+from ._sample import Sample  # the type every builder returns
 
 # Every tokenizer: the family's special tokens (ids 0..n-1), then ordinary words and fillers up to VOCAB ids
 # (Mllama's <|image|> comes after, at id VOCAB, outside its LM head, as in Llama-3.2-Vision).
