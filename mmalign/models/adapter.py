@@ -165,6 +165,9 @@ class ModelAdapter:
         inner = getattr(self.model, "model", None)
         if inner is None or inner is self.decoder:
             return out
+        prefix = names[id(inner)]
+        # parameters held by the inner model itself are multimodal glue (LLaVA-NeXT's image_newline): the projector's
+        out["projector"] += [f"{prefix}.{n}" for n, _ in inner.named_parameters(recurse=False)]
         for child, module in inner.named_children():
             if module is self.decoder:
                 continue

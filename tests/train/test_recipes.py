@@ -370,3 +370,18 @@ def test_sft_is_the_token_mean_nll_of_the_chosen_responses(setup, tmp_path):
     assert rows[2]["loss"] < rows[0]["loss"]
     with pytest.raises(ValueError, match="eval_fraction: not with loss='sft'"):
         _cfg(root, model_dir, tmp_path, loss="sft", eval_fraction=0.5).validate()
+
+
+def test_every_parameter_of_every_family_has_a_role():
+    """No parameter of a zoo VLM is left out of the roles (LLaVA-NeXT's image_newline, a parameter of the inner
+    model itself, is the projector's): the default recipe trains exactly the LLM and the projector."""
+    from mmalign.models import adapter_for
+    from mmalign.train.policy import role_of
+
+    from ..models import zoo
+
+    for name in zoo.VARIANTS:
+        model = zoo.build(name).model
+        roles = adapter_for(model).roles()
+        missing = [n for n, _ in model.named_parameters() if role_of(n, roles) is None]
+        assert not missing, (name, missing[:5])
