@@ -1,4 +1,4 @@
-"""``mmalign demo``: the whole pipeline on a fresh machine, no GPU, no downloads, about five minutes on 2 cores.
+"""``mmalign demo``: the whole pipeline on a fresh machine, no GPU, no downloads, under two minutes on 2 cores.
 
 1. a synthetic preference set: coloured shapes; chosen captions right, rejected ones wrong in every attribute
    (easy pairs) or in one (hard pairs); and a held-out benchmark of new images in POPE / COCO formats
