@@ -109,7 +109,7 @@ def _setup(device, quick, kind):
     return processor, model, dtype, work, rows, decoder_label(text)
 
 
-def _lora_config(model, device):
+def _lora_config(model):
     """The peft config mmalign's trainer builds for LORA on ``model`` (adapters on the LLM's linear layers, the
     projector trained in full): TRL gets the same one."""
     from mmalign.train import TrainConfig
@@ -157,7 +157,7 @@ def test_trainer_steps(benchmark, device, quick, provider, kind):
             # LoRA the reference is the base with the adapters off (no ref_model), as in mmalign
             if lora:
                 return (trl.DPOTrainer(model=model(torch.float32), ref_model=None, args=args, train_dataset=ds,
-                                       processing_class=tok, peft_config=_lora_config(model, device)),)
+                                       processing_class=tok, peft_config=_lora_config(model)),)
             return (trl.DPOTrainer(model=model(torch.float32), ref_model=model(), args=args, train_dataset=ds,
                                    processing_class=tok),)
     else:

@@ -40,7 +40,6 @@ class Family:
     token_inputs: dict = field(default_factory=lambda: {"token_type_ids": 0, "mm_token_type_ids": 0})
     shared_prompt: bool = True
     bdhs: str | None = None
-    cross_attention: bool = False   # images reach the decoder through cross-attention, not image tokens
     kind: str = "vlm"               # "vlm" or "causal" (a text-only LM)
     projector: tuple = ()           # modules inside the vision tower that are the projector (Qwen's merger)
 
@@ -99,7 +98,6 @@ FAMILIES: dict[str, Family] = {
     "mllama": Family(
         "Mllama: no image tokens in the sequence; the image reaches the decoder through cross-attention states "
         "(computed once per pair) and a per-token cross-attention mask",
-        cross_attention=True,
         inputs={"cross_attention_states": Rule(SAMPLE), "cross_attention_mask": Rule(TOKEN, axis=2),
                 "full_text_row_masked_out_mask": Rule(TOKEN, axis=2)},
         token_inputs={"cross_attention_mask": REPEAT},
