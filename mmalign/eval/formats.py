@@ -201,6 +201,15 @@ def _paths(paths: PathLike | Iterable[PathLike] | None) -> list[PathLike]:
     return list(paths)
 
 
+def _coco_list(path: PathLike, key: str, kind: str) -> list:
+    """The list ``key`` of a COCO ``kind`` file (instances, captions), or FormatError naming the file."""
+    data = _load_json(path)
+    article = "an" if kind[0] in "aeiou" else "a"
+    if not isinstance(data, dict) or not isinstance(data.get(key), list):
+        raise FormatError(path, None, f"missing list {key!r} (is this {article} {kind}_*.json file?)")
+    return data[key]
+
+
 def read_coco_ground_truth(instances: PathLike | Iterable[PathLike],
                            captions: PathLike | Iterable[PathLike] | None = None, *,
                            vocabulary: ChairVocabulary | None = None, image_ids: Iterable[int] | None = None,
@@ -259,10 +268,7 @@ def read_coco_ground_truth(instances: PathLike | Iterable[PathLike],
     order = order[:limit] if limit is not None else order
     selected = set(order)
     for path in _paths(captions):
-        data = _load_json(path)
-        if not isinstance(data, dict) or not isinstance(data.get("annotations"), list):
-            raise FormatError(path, None, "missing list 'annotations' (is this a captions_*.json file?)")
-        for i, ann in enumerate(data["annotations"]):
+        for i, ann in enumerate(_coco_list(path, "annotations", "captions")):
             where = f"annotations[{i}]"
             iid = _field(path, where, ann, "image_id", int)
             if iid in selected:
@@ -277,10 +283,7 @@ def read_coco_images(instances: PathLike | Iterable[PathLike], *, image_ids: Ite
     _check_limit(limit)
     names: dict[int, str] = {}
     for path in _paths(instances):
-        data = _load_json(path)
-        if not isinstance(data, dict) or not isinstance(data.get("images"), list):
-            raise FormatError(path, None, "missing list 'images' (is this an instances_*.json file?)")
-        for i, img in enumerate(data["images"]):
+        for i, img in enumerate(_coco_list(path, "images", "instances")):
             where = f"images[{i}]"
             names.setdefault(_field(path, where, img, "id", int), _field(path, where, img, "file_name", str))
     order = list(names)
@@ -295,10 +298,7 @@ def coco_vocabulary(instances: PathLike | Iterable[PathLike]):
     synonym, with its plural): CHAIR over a dataset with other objects than COCO's (the demo's shapes)."""
     names: list[str] = []
     for path in _paths(instances):
-        data = _load_json(path)
-        if not isinstance(data, dict) or not isinstance(data.get("categories"), list):
-            raise FormatError(path, None, "missing list 'categories' (is this an instances_*.json file?)")
-        for i, cat in enumerate(data["categories"]):
+        for i, cat in enumerate(_coco_list(path, "categories", "instances")):
             name = _field(path, f"categories[{i}]", cat, "name", str)
             if name not in names:
                 names.append(name)
