@@ -286,14 +286,14 @@ class BDHSEngine:
             out = adapter.run(call.select(torch.zeros(1, dtype=torch.long, device=ids.device),
                                           keep[0].nonzero()[:, 0][None]), use_cache=True)
             kept_before = torch.nn.functional.pad(keep[0].long().cumsum(0), (1, 0)).tolist()
-        positions = call.positions[:, 0].amax(0)  # (T,): a text token's position on every axis
+        positions = call.positions[:, 0].amax(0).tolist()  # a text token's position on every axis (one copy)
         hidden, cache = out.last_hidden_state[0], adapter.cache_of(out)
         rows = []
 
         def row(prefix: int, forced: list, head_ids: list, head: str, stop: bool, max_new: int):
             n = kept_before[prefix]
             g = torch.Generator().manual_seed(rng.getrandbits(63)) if cfg.do_sample else None
-            r = _Row(j, n, int(positions[prefix - 1]) + 1, forced, head_ids, head, stop, max_new, g)
+            r = _Row(j, n, positions[prefix - 1] + 1, forced, head_ids, head, stop, max_new, g)
             if cfg.scope == "text":
                 r.keep = keep[0, :prefix]
             if not forced:

@@ -147,11 +147,12 @@ def _two_sequences(adapter: ModelAdapter, examples: list[PairExample], device):
     host = torch.tensor([[c + [-1] * (width - len(c)) for c in columns],
                          [t + [IGNORE] * (width - len(t)) for t in labels]])
     columns, labels = to_device(host, device).unbind(0)  # one copy to the device
-    rows = _pair_rows(adapter, examples, device)
-    if rows.masks is not None and not adapter.window_fits(rows.shape[1]):
+    row_width = max(len(ex.prompt_ids) + len(ex.chosen_ids) + len(ex.rejected_ids) for ex in examples)
+    if adapter.family.masks and not adapter.window_fits(row_width):  # decided before any capture: one, not two
         twice = [x for ex in examples for x in (ex.image_inputs, ex.image_inputs)]
         lens = [len(ex.prompt_ids) for ex in examples for _ in (0, 1)]
         return capture_rows(adapter, seqs, twice, lens, device), labels
+    rows = _pair_rows(adapter, examples, device)
     return rows.select(_pair_of_sequence(len(examples), device), columns), labels
 
 
